@@ -1,0 +1,140 @@
+"""``LEMoEConfig``: the architecture of a LEMoE adaptor, in PEFT's vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .registration import LEMOE
+
+# The FFN output projection of each supported architecture. LEMoE puts its experts beside this projection, so an
+# expert sees the FFN's intermediate activation and adds to the FFN's output: h = FFN(x) + sum_i g_i * E_i(x).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["mlp.down_proj"],
+    "mistral": ["mlp.down_proj"],
+    "qwen2": ["mlp.down_proj"],
+    "qwen3": ["mlp.down_proj"],
+    "gemma": ["mlp.down_proj"],
+    "gemma2": ["mlp.down_proj"],
+    "gemma3_text": ["mlp.down_proj"],
+    "phi3": ["mlp.down_proj"],
+    "olmo2": ["mlp.down_proj"],
+    "gpt2": ["mlp.c_proj"],
+    "gpt_neox": ["mlp.dense_4h_to_h"],
+    "opt": ["fc2"],
+}
+
+# Config keys under which transformers configs store their number of decoder layers.
+_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+ROUTE_POOLINGS = ("causal_mean", "token")
+ROUTE_SIMILARITIES = ("cosine", "dot")
+EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
+
+
+def default_layer_index(model_config: dict, depth: float) -> int:
+    """The index of the layer at relative ``depth`` (0 = first, 1 = last) of a transformers model config."""
+    for key in _NUM_LAYERS_KEYS:
+        if isinstance(model_config.get(key), int):
+            num_layers = model_config[key]
+            return min(num_layers - 1, int(depth * num_layers))
+    raise ValueError(
+        "Cannot tell how many layers this model has; pass `layers_to_transform` (and `target_modules`) to LEMoEConfig."
+    )
+
+
+@dataclass
+class LEMoEConfig(PeftConfig):
+    """Configuration of a LEMoE adaptor (Wang & Li, EMNLP 2024): a growing set of low-rank experts beside one FFN,
+    each owning anchor keys that route inputs to it; inputs far from every anchor keep the base FFN's output.
+
+    ``num_experts`` and ``num_anchors`` record how many experts and anchor keys the adaptor holds. They grow with
+    :meth:`LEMoEModel.add_expert` / :meth:`LEMoEModel.add_anchors` and are saved, so a reload rebuilds the same shapes.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules to put experts beside (the FFN output projection). Default: chosen per model_type."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Modules to leave alone even if they match `target_modules`."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={"help": "Layer indices to adapt. Default (with default target_modules): one layer at `layer_depth`."},
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list (e.g. 'layers' or 'h') if PEFT cannot guess it."}
+    )
+    layer_depth: float = field(
+        default=0.8, metadata={"help": "Relative depth (0..1] of the default layer: 0.8 is layer 24 of 30."}
+    )
+    expert_rank: int = field(default=16, metadata={"help": "Hidden width r of each expert (in -> r -> out)."})
+    expert_activation: Literal["silu", "gelu", "relu", "identity"] = field(
+        default="silu", metadata={"help": "Non-linearity inside each expert; 'identity' makes experts LoRA-like."}
+    )
+    num_experts: int = field(default=0, metadata={"help": "Number of experts held (grows with add_expert)."})
+    num_anchors: int = field(default=0, metadata={"help": "Number of anchor keys held (grows with add_anchors)."})
+    top_k: int = field(default=1, metadata={"help": "Experts mixed per token among those whose anchors match."})
+    route_pooling: Literal["causal_mean", "token"] = field(
+        default="causal_mean",
+        metadata={"help": "Routing query: running mean of the layer input over the tokens so far, or the token alone."},
+    )
+    route_similarity: Literal["cosine", "dot"] = field(
+        default="cosine", metadata={"help": "Score between a query and an anchor key."}
+    )
+    route_whiten_rank: int = field(
+        default=64, metadata={"help": "Principal directions whitened by the routing calibration (0: centring only)."}
+    )
+    route_threshold: float = field(
+        default=0.5,
+        metadata={"help": "Default score an input needs to reach an anchor; below it the FFN is untouched."},
+    )
+    route_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature mixing the top_k experts."})
+    route_calibration_size: int = field(
+        default=0, metadata={"help": "Number of query vectors the routing statistics came from (0: not calibrated)."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start each expert at zero output. False gives random experts (for tests)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules to train and save, as in other PEFT methods."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LEMOE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        checks = [
+            (isinstance(self.expert_rank, int) and self.expert_rank >= 1, "expert_rank must be an integer >= 1"),
+            (isinstance(self.num_experts, int) and self.num_experts >= 0, "num_experts must be an integer >= 0"),
+            (isinstance(self.num_anchors, int) and self.num_anchors >= 0, "num_anchors must be an integer >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 1, "top_k must be an integer >= 1"),
+            (0.0 < self.layer_depth <= 1.0, "layer_depth must lie in (0, 1]"),
+            (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),
+            (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),
+            (self.expert_activation in EXPERT_ACTIVATIONS, f"expert_activation must be one of {EXPERT_ACTIVATIONS}"),
+            (isinstance(self.route_whiten_rank, int) and self.route_whiten_rank >= 0, "route_whiten_rank must be >= 0"),
+            (self.route_temperature > 0, "route_temperature must be > 0"),
+            (self.route_calibration_size >= 0, "route_calibration_size must be >= 0"),
+            (
+                self.route_similarity != "cosine" or -1.0 <= self.route_threshold <= 1.0,
+                "route_threshold is a cosine similarity and must lie in [-1, 1]",
+            ),
+            (self.num_anchors == 0 or self.num_experts > 0, "anchors need at least one expert (num_experts > 0)"),
+            (
+                self.layers_pattern is None or self.layers_to_transform is not None,
+                "layers_pattern only makes sense together with layers_to_transform",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid LEMoEConfig: {message}.")

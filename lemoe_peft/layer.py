@@ -1,0 +1,320 @@
+"""``LEMoELayer``: experts and anchor keys beside one FFN output projection (``nn.Linear`` or GPT-2's ``Conv1D``).
+
+Storage is flat and keyed by adapter name, so every tensor saves to one safetensors entry and reloads under any name:
+
+* ``lemoe_A`` / ``lemoe_B``: the newest expert (trainable), ``(d_in, r)`` and ``(r, d_out)``;
+* ``lemoe_frozen_A`` / ``lemoe_frozen_B``: all earlier experts, stacked ``(E-1, d_in, r)`` / ``(E-1, r, d_out)``;
+* ``lemoe_keys`` ``(N, d_in)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
+  expert owning each, and the score each needs;
+* ``lemoe_route_mean`` / ``lemoe_route_basis`` / ``lemoe_route_scale``: the whitening applied to routing queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LEMoEConfig
+from .routing import RoutingSession, causal_mean, select_experts, whiten, whitening_statistics
+
+_ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
+
+MERGE_REFUSAL = (
+    "LEMoE cannot be merged into the base weights: each token is routed to a different expert, or to none, "
+    "depending on its input, so no single dense weight reproduces the adaptor. Use `unload()` to get the base "
+    "model back, or keep the adapter attached."
+)
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """The per-adapter routing settings a layer needs at forward time (copied from ``LEMoEConfig``)."""
+
+    pooling: str
+    similarity: str
+    top_k: int
+    temperature: float
+    activation: str
+
+    @classmethod
+    def from_config(cls, config: LEMoEConfig) -> RouteSettings:
+        return cls(
+            config.route_pooling,
+            config.route_similarity,
+            config.top_k,
+            config.route_temperature,
+            config.expert_activation,
+        )
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(
+        f"LEMoE can only be put beside nn.Linear or transformers' Conv1D layers, not {type(layer).__name__}; "
+        "point `target_modules` at the FFN's output projection."
+    )
+
+
+class LEMoELayer(BaseTunerLayer):
+    adapter_layer_names = ("lemoe_A", "lemoe_B")
+    other_param_names = (
+        "lemoe_frozen_A",
+        "lemoe_frozen_B",
+        "lemoe_keys",
+        "lemoe_key_expert",
+        "lemoe_key_threshold",
+        "lemoe_route_mean",
+        "lemoe_route_basis",
+        "lemoe_route_scale",
+        "lemoe_settings",
+    )
+
+    def __init__(self, base_layer: nn.Module, routing: RoutingSession) -> None:
+        self.base_layer = base_layer
+        self.lemoe_A = nn.ParameterDict()
+        self.lemoe_B = nn.ParameterDict()
+        self.lemoe_frozen_A = BufferDict(persistent=True)
+        self.lemoe_frozen_B = BufferDict(persistent=True)
+        self.lemoe_keys = BufferDict(persistent=True)
+        self.lemoe_key_expert = BufferDict(persistent=True)
+        self.lemoe_key_threshold = BufferDict(persistent=True)
+        self.lemoe_route_mean = BufferDict(persistent=True)
+        self.lemoe_route_basis = BufferDict(persistent=True)
+        self.lemoe_route_scale = BufferDict(persistent=True)
+        self.lemoe_settings: dict[str, RouteSettings] = {}
+        self._routing = routing
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.in_features, self.out_features = _features(self.get_base_layer())
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def update_layer(self, adapter_name: str, config: LEMoEConfig, **kwargs: Any) -> None:
+        """Create the adapter's tensors with the shapes recorded in ``config`` (values come from training or a load)."""
+        d_in, d_out, rank = self.in_features, self.out_features, config.expert_rank
+        n_frozen = max(config.num_experts - 1, 0)
+        whiten_rank = min(config.route_whiten_rank, d_in)
+        self.lemoe_settings[adapter_name] = RouteSettings.from_config(config)
+        self.lemoe_frozen_A[adapter_name] = (
+            torch.stack([self._init_in(d_in, rank) for _ in range(n_frozen)])
+            if n_frozen
+            else torch.zeros(0, d_in, rank)
+        )
+        self.lemoe_frozen_B[adapter_name] = (
+            torch.stack([self._init_out(rank, d_out, config.init_weights) for _ in range(n_frozen)])
+            if n_frozen
+            else torch.zeros(0, rank, d_out)
+        )
+        if config.num_experts > 0:
+            self.lemoe_A[adapter_name] = nn.Parameter(self._init_in(d_in, rank))
+            self.lemoe_B[adapter_name] = nn.Parameter(self._init_out(rank, d_out, config.init_weights))
+        self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_in)
+        self.lemoe_key_expert[adapter_name] = torch.zeros(config.num_anchors, dtype=torch.long)
+        self.lemoe_key_threshold[adapter_name] = torch.full((config.num_anchors,), float(config.route_threshold))
+        self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
+        self.lemoe_route_basis[adapter_name] = torch.zeros(d_in, whiten_rank)
+        self.lemoe_route_scale[adapter_name] = torch.ones(whiten_rank + 1)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @staticmethod
+    def _init_in(d_in: int, rank: int) -> torch.Tensor:
+        weight = torch.empty(rank, d_in)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # as LoRA's A
+        return weight.T.contiguous()
+
+    @staticmethod
+    def _init_out(rank: int, d_out: int, zero: bool) -> torch.Tensor:
+        # zero: a new expert starts with no effect; otherwise small random values (tests of non-trivial experts)
+        return torch.zeros(rank, d_out) if zero else torch.randn(rank, d_out) * 0.02
+
+    # ------------------------------------------------------------------------------------------------- inspection
+    def num_experts(self, adapter_name: str) -> int:
+        return self.lemoe_frozen_A[adapter_name].shape[0] + int(adapter_name in self.lemoe_A)
+
+    def num_anchors(self, adapter_name: str) -> int:
+        return self.lemoe_keys[adapter_name].shape[0]
+
+    # ----------------------------------------------------------------------------------------------------- growth
+    def add_expert(self, adapter_name: str, init_weights: bool = True) -> int:
+        """Freeze the newest expert (if any) and start a new trainable one; return its index."""
+        frozen_a, frozen_b = self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name]
+        if adapter_name in self.lemoe_A:
+            self.lemoe_frozen_A[adapter_name] = torch.cat([frozen_a, self.lemoe_A[adapter_name].detach()[None]])
+            self.lemoe_frozen_B[adapter_name] = torch.cat([frozen_b, self.lemoe_B[adapter_name].detach()[None]])
+        like = self.lemoe_frozen_A[adapter_name]
+        rank, d_out = frozen_b.shape[1], frozen_b.shape[2]
+        self.lemoe_A[adapter_name] = nn.Parameter(self._init_in(self.in_features, rank).to(like))
+        self.lemoe_B[adapter_name] = nn.Parameter(self._init_out(rank, d_out, init_weights).to(like))
+        return self.num_experts(adapter_name) - 1
+
+    def remove_expert(self, adapter_name: str, expert: int) -> int:
+        """Delete expert ``expert`` and its anchor keys (later experts shift down by one); return the keys removed."""
+        count = self.num_experts(adapter_name)
+        if not 0 <= expert < count:
+            raise IndexError(f"Expert {expert} does not exist; adapter '{adapter_name}' has {count} experts.")
+        frozen_a, frozen_b = self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name]
+        if expert == count - 1:  # the newest: the one before it becomes the newest
+            del self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
+            if count > 1:
+                self.lemoe_A[adapter_name] = nn.Parameter(frozen_a[-1].clone())
+                self.lemoe_B[adapter_name] = nn.Parameter(frozen_b[-1].clone())
+                self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name] = frozen_a[:-1], frozen_b[:-1]
+        else:
+            keep = [i for i in range(frozen_a.shape[0]) if i != expert]
+            self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name] = frozen_a[keep], frozen_b[keep]
+        owners = self.lemoe_key_expert[adapter_name]
+        kept = owners != expert
+        self.lemoe_keys[adapter_name] = self.lemoe_keys[adapter_name][kept]
+        self.lemoe_key_threshold[adapter_name] = self.lemoe_key_threshold[adapter_name][kept]
+        self.lemoe_key_expert[adapter_name] = owners[kept] - (owners[kept] > expert).long()
+        return int((~kept).sum())
+
+    def add_anchors(self, adapter_name: str, expert: int, keys: torch.Tensor, threshold: torch.Tensor) -> None:
+        """Append anchor ``keys`` (n, d_in), already in query space, owned by ``expert``, each with its threshold."""
+        if not 0 <= expert < self.num_experts(adapter_name):
+            raise IndexError(f"Cannot add anchors to expert {expert}: it does not exist.")
+        old = self.lemoe_keys[adapter_name]
+        if keys.dim() != 2 or keys.shape[1] != old.shape[1]:
+            raise ValueError(f"Anchor keys must have shape (n, {old.shape[1]}), got {tuple(keys.shape)}.")
+        owners = torch.full((keys.shape[0],), expert, dtype=torch.long, device=old.device)
+        self.lemoe_keys[adapter_name] = torch.cat([old, keys.to(old)])
+        self.lemoe_key_expert[adapter_name] = torch.cat([self.lemoe_key_expert[adapter_name], owners])
+        threshold = threshold.to(old).expand(keys.shape[0])
+        self.lemoe_key_threshold[adapter_name] = torch.cat([self.lemoe_key_threshold[adapter_name], threshold])
+
+    def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
+        """Set the routing whitening from pooled queries (n, d_in) of generic text. Anchors must not exist yet."""
+        if self.num_anchors(adapter_name) > 0:
+            raise RuntimeError("Routing calibration is frozen once anchors exist: re-calibrating would move them.")
+        mean, basis, scale = whitening_statistics(samples, self.lemoe_route_basis[adapter_name].shape[1])
+        like = self.lemoe_route_mean[adapter_name]
+        self.lemoe_route_mean[adapter_name] = mean.to(like)
+        self.lemoe_route_basis[adapter_name] = basis.to(like)
+        self.lemoe_route_scale[adapter_name] = scale.to(like)
+
+    # ---------------------------------------------------------------------------------------------------- routing
+    def pooled_queries(self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix."""
+        if self.lemoe_settings[adapter_name].pooling == "token":
+            return x.float()
+        return causal_mean(x, valid)[0]
+
+    def route_queries(self, adapter_name: str, pooled: torch.Tensor) -> torch.Tensor:
+        """Map raw pooled queries into the space where anchor keys live."""
+        return whiten(
+            pooled.float(),
+            self.lemoe_route_mean[adapter_name].float(),
+            self.lemoe_route_basis[adapter_name].float(),
+            self.lemoe_route_scale[adapter_name].float(),
+            normalize=self.lemoe_settings[adapter_name].similarity == "cosine",
+        )
+
+    def route(self, adapter_name: str, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts (..., k) (-1: none) and mixing weights (..., k) for raw pooled queries."""
+        settings = self.lemoe_settings[adapter_name]
+        return select_experts(
+            self.route_queries(adapter_name, pooled),
+            self.lemoe_keys[adapter_name].float(),
+            self.lemoe_key_expert[adapter_name],
+            self.lemoe_key_threshold[adapter_name].float(),
+            self.num_experts(adapter_name),
+            settings.top_k,
+            settings.temperature,
+        )
+
+    def _pooled_for_call(self, x: torch.Tensor, pooling: str, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled queries for the tokens of the current forward call, continuing cached generation if any."""
+        if pooling not in cache:
+            if pooling == "token":
+                cache[pooling] = x.float()
+            else:
+                context = self._routing.current
+                valid, prefix = (None, None) if context is None else (context.valid, context.prefix.get(id(self)))
+                if valid is not None and valid.shape != x.shape[:2]:
+                    valid = None
+                if prefix is not None and prefix[0].shape[0] != x.shape[0]:
+                    prefix = None
+                cache[pooling], sums = causal_mean(x, valid, prefix)
+                if context is not None:
+                    context.updated[id(self)] = sums
+        return cache[pooling]
+
+    # ---------------------------------------------------------------------------------------------------- experts
+    def _expert_weights(self, adapter_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if expert == self.num_experts(adapter_name) - 1:
+            return self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
+        return self.lemoe_frozen_A[adapter_name][expert], self.lemoe_frozen_B[adapter_name][expert]
+
+    def expert_output(self, adapter_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """Output of one expert on inputs ``x`` (n, d_in)."""
+        weight_in, weight_out = self._expert_weights(adapter_name, expert)
+        hidden = x.to(weight_in.dtype) @ weight_in
+        activation = self.lemoe_settings[adapter_name].activation
+        if activation != "identity":
+            hidden = _ACTIVATIONS[activation](hidden)
+        return hidden @ weight_out
+
+    def mix_experts(
+        self, adapter_name: str, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over each token's chosen experts of weight * expert(token); zero where no expert is chosen."""
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_experts = experts.reshape(flat_x.shape[0], -1)
+        flat_weights = weights.reshape(flat_x.shape[0], -1)
+        out = None
+        for expert in torch.unique(flat_experts[flat_experts >= 0]).tolist():
+            rows, slots = (flat_experts == expert).nonzero(as_tuple=True)
+            contribution = self.expert_output(adapter_name, expert, flat_x[rows])
+            contribution = contribution * flat_weights[rows, slots, None].to(contribution.dtype)
+            if out is None:
+                out = contribution.new_zeros(flat_x.shape[0], contribution.shape[-1])
+            out = out.index_add(0, rows, contribution)
+        if out is None:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape[:-1], -1)
+
+
+class LEMoELinear(nn.Module, LEMoELayer):
+    """A LEMoE adaptor beside an ``nn.Linear`` or ``Conv1D`` FFN output projection."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LEMoEConfig, routing: RoutingSession) -> None:
+        super().__init__()
+        LEMoELayer.__init__(self, base_layer, routing)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise NotImplementedError(MERGE_REFUSAL)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_REFUSAL)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        captured = self._routing.captured
+        if captured is not None:
+            context = self._routing.current
+            captured[id(self)] = (x.detach(), None if context is None else context.valid)
+        if self.disable_adapters:
+            return result
+        pooled: dict[str, torch.Tensor] = {}
+        for adapter_name in self.active_adapters:
+            if adapter_name not in self.lemoe_keys or self.num_anchors(adapter_name) == 0:
+                continue
+            query = self._pooled_for_call(x, self.lemoe_settings[adapter_name].pooling, pooled)
+            experts, weights = self.route(adapter_name, query)
+            result = result + self.mix_experts(adapter_name, x, experts, weights).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lemoe." + super().__repr__()

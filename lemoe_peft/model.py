@@ -1,0 +1,181 @@
+"""``LEMoEModel``: the PEFT tuner that inserts LEMoE layers and grows, prunes and routes their experts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
+from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear
+from .routing import RoutingSession
+
+
+class LEMoEModel(BaseTuner):
+    """LEMoE (Wang & Li, EMNLP 2024) as a PEFT tuner: a mixture of low-rank experts beside one FFN, grown one expert
+    per batch of edits (module insertion), with KV anchor routing and fall-through to the untouched FFN.
+
+    Use it through ``peft.get_peft_model(model, LEMoEConfig(...))``; the LEMoE-specific operations live here, reached
+    as ``peft_model.base_model.add_expert()`` and so on.
+    """
+
+    prefix: str = "lemoe_"
+    tuner_layer_cls = LEMoELayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    # ------------------------------------------------------------------------------------------------- injection
+    def _pre_injection_hook(self, model: nn.Module, config: LEMoEConfig, adapter_name: str) -> None:
+        if not hasattr(self, "routing"):
+            self.routing = RoutingSession()
+            self._routing_hooks = self.routing.attach(model)
+
+    def _prepare_adapter_config(self, peft_config: LEMoEConfig, model_config: dict) -> LEMoEConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"LEMoE has no default target for model_type '{model_type}'. Pass `target_modules` (the FFN output "
+                    "projection, e.g. ['mlp.down_proj']) and `layers_to_transform` (e.g. [20]) to LEMoEConfig. "
+                    f"Models with defaults: {sorted(self.target_module_mapping)}."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+            if peft_config.layers_to_transform is None:
+                peft_config.layers_to_transform = [default_layer_index(model_config, peft_config.layer_depth)]
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        config: LEMoEConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, LEMoELayer):
+            target.update_layer(adapter_name, config)
+            return
+        new_module = LEMoELinear(target, adapter_name, config, self.routing)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        raise NotImplementedError(MERGE_REFUSAL)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for handle in self._routing_hooks:
+            handle.remove()
+        self._routing_hooks = []
+        return model
+
+    # ---------------------------------------------------------------------------------------------------- layers
+    def _adapter(self, adapter_name: str | None) -> str:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self.peft_config:
+            raise ValueError(f"No LEMoE adapter named '{name}'; adapters: {list(self.peft_config)}.")
+        return name
+
+    def lemoe_layers(self, adapter_name: str | None = None) -> dict[str, LEMoELayer]:
+        """The adapter's LEMoE layers by module name, in model order."""
+        name = self._adapter(adapter_name)
+        return {
+            key: module
+            for key, module in self.model.named_modules()
+            if isinstance(module, LEMoELayer) and name in module.lemoe_settings
+        }
+
+    def num_experts(self, adapter_name: str | None = None) -> int:
+        return self.peft_config[self._adapter(adapter_name)].num_experts
+
+    # ----------------------------------------------------------------------------------------------- the method
+    def add_expert(self, adapter_name: str | None = None) -> int:
+        """Module insertion: freeze every existing expert and add a new trainable one; return its index.
+
+        The new expert has no anchor keys yet, so nothing is routed to it until :meth:`add_anchors` gives it some.
+        """
+        name = self._adapter(adapter_name)
+        config = self.peft_config[name]
+        indices = {layer.add_expert(name, config.init_weights) for layer in self.lemoe_layers(name).values()}
+        config.num_experts += 1
+        (index,) = indices
+        return index
+
+    def remove_expert(self, expert: int, adapter_name: str | None = None) -> None:
+        """Undo one batch of edits: delete expert ``expert`` and its anchors; later experts shift down by one."""
+        name = self._adapter(adapter_name)
+        removed = {layer.remove_expert(name, expert) for layer in self.lemoe_layers(name).values()}
+        config = self.peft_config[name]
+        config.num_experts -= 1
+        config.num_anchors -= removed.pop()
+
+    def add_anchors(
+        self,
+        expert: int,
+        keys: dict[str, torch.Tensor],
+        threshold: float | torch.Tensor | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        """Give ``expert`` anchor keys: ``keys`` maps each LEMoE layer name to (n, d) vectors in query space (see
+        :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys."""
+        name = self._adapter(adapter_name)
+        layers = self.lemoe_layers(name)
+        if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
+            raise ValueError(f"Give the same number of anchor keys for exactly these layers: {sorted(layers)}.")
+        config = self.peft_config[name]
+        threshold = torch.as_tensor(config.route_threshold if threshold is None else threshold, dtype=torch.float32)
+        for layer_name, layer in layers.items():
+            layer.add_anchors(name, expert, keys[layer_name], threshold)
+        config.num_anchors += next(iter(keys.values())).shape[0]
+
+    def calibrate_routing(self, samples: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Set each layer's routing whitening from pooled queries of generic text (layer name -> (n, d))."""
+        name = self._adapter(adapter_name)
+        for layer_name, layer in self.lemoe_layers(name).items():
+            layer.calibrate(name, samples[layer_name])
+        self.peft_config[name].route_calibration_size = min(s.shape[0] for s in samples.values())
+
+    @contextlib.contextmanager
+    def capture_layer_inputs(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Within this context, record each LEMoE layer's input and padding mask: layer name -> (x, valid)."""
+        layers = {id(module): key for key, module in self.model.named_modules() if isinstance(module, LEMoELayer)}
+        captured: dict[int, Any] = {}
+        result: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.routing.captured = captured
+        try:
+            yield result
+        finally:
+            self.routing.captured = None
+            result.update({layers[key]: value for key, value in captured.items()})
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: LEMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {
+            key: tensor
+            for key, tensor in model.state_dict().items()
+            if ".lemoe_" in key and (key.endswith(f".{adapter_name}"))
+        }
+        missing = sorted(key for key in expected if key not in remapped)
+        mismatched = sorted(
+            f"{key}: file {tuple(remapped[key].shape)}, config {tuple(tensor.shape)}"
+            for key, tensor in expected.items()
+            if key in remapped and remapped[key].shape != tensor.shape
+        )
+        if missing or mismatched:
+            raise ValueError(
+                f"The LEMoE checkpoint does not match its adapter_config.json (num_experts={config.num_experts}, "
+                f"num_anchors={config.num_anchors}) or this base model; nothing was loaded. "
+                + (f"Missing tensors: {missing[:4]}{' ...' if len(missing) > 4 else ''}. " if missing else "")
+                + (f"Shape mismatches: {mismatched[:4]}" if mismatched else "")
+            )
+        return remapped

@@ -1,0 +1,178 @@
+"""KV anchor routing: routing queries, their calibration, expert selection, and the state that keeps routing
+identical whether a sequence is scored in one forward pass or generated token by token with a KV cache.
+
+The routing query of token t is the running mean of the adaptor layer's input over tokens 1..t ("causal_mean", an
+instance-level embedding of everything read so far) or the input at t alone ("token"). A causal query depends only on
+the prefix, so teacher-forced training, teacher-forced evaluation and cached generation see the same query for the
+same prefix. During cached generation each call only sees the new tokens, so the running sums of earlier calls are kept
+per KV-cache object (:class:`RoutingSession`) and resumed on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d), number of valid tokens (B, 1))
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    # float64 makes the running sums of a one-pass forward and of token-by-token generation agree to ~1e-16, so a
+    # threshold decision cannot flip between the two; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def causal_mean(
+    x: torch.Tensor, valid: torch.Tensor | None = None, prefix: RunningSums | None = None
+) -> tuple[torch.Tensor, RunningSums]:
+    """Running mean of ``x`` (B, T, d) over the valid tokens up to each position, continuing from ``prefix``.
+
+    Returns the means (B, T, d) in float32 and the running sums after the last position.
+    """
+    dtype = _accumulation_dtype(x.device)
+    weight = torch.ones(x.shape[:2], device=x.device, dtype=dtype) if valid is None else valid.to(dtype)
+    sums = (x.to(dtype) * weight[..., None]).cumsum(dim=1)
+    counts = weight.cumsum(dim=1)[..., None]
+    if prefix is not None:
+        sums = sums + prefix[0][:, None]
+        counts = counts + prefix[1][:, None]
+    means = (sums / counts.clamp_min(1)).to(torch.float32)
+    return means, (sums[:, -1], counts[:, -1])
+
+
+def whitening_statistics(samples: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, top-``rank`` principal basis and scales that whiten ``samples`` (n, d).
+
+    The returned scales hold one factor per principal direction followed by one factor for the remaining
+    directions. Layer inputs are strongly anisotropic (any two prompts have cosine ~0.95), so routing compares
+    queries only after centring and whitening them against generic text.
+    """
+    samples = samples.to(torch.float64)
+    n, dim = samples.shape
+    mean = samples.mean(dim=0)
+    centred = samples - mean
+    total_variance = centred.pow(2).sum() / n
+    eps = 0.05 * total_variance / dim  # shrinkage: 5% of the average variance per direction
+    k = max(0, min(rank, n - 1, dim))
+    basis = torch.zeros(dim, rank, dtype=torch.float64)
+    scale = torch.ones(rank + 1, dtype=torch.float64)
+    explained = torch.zeros((), dtype=torch.float64)
+    if k > 0:
+        _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+        eigenvalues = singular[:k].pow(2) / n
+        basis[:, :k] = vh[:k].T
+        scale[:k] = (eigenvalues + eps).rsqrt()
+        explained = eigenvalues.sum()
+    residual = (total_variance - explained).clamp_min(0) / max(dim - k, 1)
+    scale[k:] = (residual + eps).rsqrt()
+    return mean.float(), basis.float(), scale.float()
+
+
+def whiten(
+    pooled: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """``W (pooled - mean)`` with ``W = B diag(scale[:-1]) B^T + scale[-1] (I - B B^T)``, optionally L2-normalized."""
+    centred = pooled - mean
+    query = centred * scale[-1]
+    if basis.shape[1] > 0:
+        query = query + ((centred @ basis) * (scale[:-1] - scale[-1])) @ basis.T
+    return F.normalize(query, dim=-1) if normalize else query
+
+
+def select_experts(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_expert: torch.Tensor,
+    key_threshold: torch.Tensor,
+    num_experts: int,
+    top_k: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route each query (..., d) to at most ``top_k`` experts.
+
+    An expert's score is the best score of its anchor keys that reach their threshold; experts with no such key are
+    not candidates, and a query with no candidate keeps the base FFN's output. On equal scores the newest expert
+    wins, so re-editing a fact overrides the earlier edit. Returns expert indices (..., k), -1 where none, and
+    mixing weights (..., k) that sum to 1 over the chosen experts.
+    """
+    scores = queries @ keys.T
+    scores = scores.masked_fill(scores < key_threshold, float("-inf"))
+    per_expert = scores.new_full((*scores.shape[:-1], num_experts), float("-inf"))
+    per_expert = per_expert.scatter_reduce(-1, key_expert.expand_as(scores), scores, reduce="amax")
+    newest_first = per_expert.flip(-1)  # a stable descending sort then keeps the newest of equal scores first
+    top_scores, order = newest_first.sort(dim=-1, descending=True, stable=True)
+    k = min(top_k, num_experts)
+    top_scores, experts = top_scores[..., :k], num_experts - 1 - order[..., :k]
+    chosen = torch.isfinite(top_scores)
+    weights = torch.softmax((top_scores / temperature).masked_fill(~chosen, float("-inf")), dim=-1)
+    weights = torch.nan_to_num(weights, nan=0.0)  # rows without any candidate
+    return experts.masked_fill(~chosen, -1), weights
+
+
+@dataclass
+class CallContext:
+    """What the routing layers need to know about the forward call in progress."""
+
+    valid: torch.Tensor | None  # (B, T) mask of real (non-padding) tokens among this call's tokens
+    prefix: dict[int, RunningSums]  # running sums per layer before this call (cached generation)
+    updated: dict[int, RunningSums] = field(default_factory=dict)  # running sums per layer after this call
+
+
+def _first_tensor(args: tuple, kwargs: dict, names: tuple[str, ...]) -> torch.Tensor | None:
+    for name in names:
+        if isinstance(kwargs.get(name), torch.Tensor):
+            return kwargs[name]
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+
+def _cache_of(mapping: Any) -> Any:
+    for name in ("cache", "past_key_values"):
+        value = mapping.get(name) if isinstance(mapping, dict) else getattr(mapping, name, None)
+        if value is not None and hasattr(value, "get_seq_length"):
+            return value
+    return None
+
+
+class RoutingSession:
+    """Forward hooks on the wrapped model that give every LEMoE layer its padding mask and, during cached
+    generation, the running sums of the tokens it saw in earlier calls (keyed by the KV-cache object)."""
+
+    def __init__(self) -> None:
+        self.current: CallContext | None = None
+        self.captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._sums_by_cache: weakref.WeakKeyDictionary[Any, dict[int, RunningSums]] = weakref.WeakKeyDictionary()
+        self._warned = False
+
+    def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = _first_tensor(args, kwargs, ("input_ids", "inputs_embeds"))
+        mask = kwargs.get("attention_mask")
+        valid = None
+        if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            valid = mask[:, -tokens.shape[1] :].bool()
+        cache = _cache_of(kwargs)
+        prefix = self._sums_by_cache.get(cache) if cache is not None else None
+        if cache is not None and prefix is None and cache.get_seq_length() > 0 and not self._warned:
+            self._warned = True
+            logger.warning(
+                "LEMoE continues from a KV cache it did not fill; routing of the new tokens ignores the cached prefix."
+            )
+        self.current = CallContext(valid=valid, prefix=prefix or {})
+
+    def after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        context, self.current = self.current, None
+        cache = _cache_of(output) or _cache_of(kwargs)
+        if context is not None and context.updated and cache is not None:
+            self._sums_by_cache[cache] = context.updated
+
+    def attach(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        return [
+            model.register_forward_pre_hook(self.before_forward, with_kwargs=True),
+            model.register_forward_hook(self.after_forward, with_kwargs=True),
+        ]
