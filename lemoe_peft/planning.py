@@ -1,0 +1,55 @@
+"""Clustering-based order planning: related edits share an expert, unrelated edits do not fight over one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = 50) -> torch.Tensor:
+    """Spherical k-means (cosine) with k-means++ seeding; deterministic for a given ``seed``. Returns labels (n,)."""
+    points = F.normalize(points.double(), dim=-1)
+    n = points.shape[0]
+    k = min(k, n)
+    generator = torch.Generator().manual_seed(seed)
+    centres = [int(torch.randint(n, (1,), generator=generator))]
+    for _ in range(1, k):
+        distance = (1 - (points @ points[centres].T).max(dim=1).values).clamp_min(0)
+        if distance.sum() <= 0:
+            remaining = [i for i in range(n) if i not in centres]
+            centres.append(remaining[0])
+            continue
+        centres.append(int(torch.multinomial(distance, 1, generator=generator)))
+    centroids = points[centres].clone()
+    labels = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iterations):
+        new_labels = (points @ centroids.T).argmax(dim=1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+        for j in range(k):
+            members = points[labels == j]
+            if len(members):
+                centroids[j] = F.normalize(members.mean(dim=0), dim=0)
+    return labels
+
+
+def plan_batches(embeddings: torch.Tensor, batch_size: int, seed: int) -> list[list[int]]:
+    """Order edits by cluster and cut the order into batches of ``batch_size``.
+
+    Edits are clustered into ``ceil(n / batch_size)`` clusters by their embeddings; clusters are laid out largest
+    first (ties: the cluster whose first edit came first), each keeping the arrival order of its edits, so a batch
+    holds edits of one cluster wherever cluster sizes allow.
+    """
+    n = embeddings.shape[0]
+    if n <= batch_size or batch_size == 1:
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    labels = kmeans(embeddings, math.ceil(n / batch_size), seed).tolist()
+    clusters: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        clusters.setdefault(label, []).append(index)
+    ordered = sorted(clusters.values(), key=lambda members: (-len(members), members[0]))
+    sequence = [index for members in ordered for index in members]
+    return [sequence[i : i + batch_size] for i in range(0, n, batch_size)]

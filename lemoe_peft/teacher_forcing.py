@@ -1,0 +1,82 @@
+"""Teacher-forced batches of ``prompt + " " + answer`` and the logits at the positions that predict the answer.
+
+Answers are tokenized as they appear after the prompt (byte-level BPE tokenizes ``" Andromeda"`` and ``"Andromeda"``
+differently), and training and scoring use exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TeacherForcedBatch:
+    input_ids: torch.Tensor  # (B, L), right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    predicts: torch.Tensor  # (B, L) bool: positions whose next token is an answer token
+    answers: torch.Tensor  # (n,) the answer tokens, in row-major order of `predicts`
+    answer_lengths: list[int]  # answer tokens per row
+
+    def to(self, device: torch.device | str) -> TeacherForcedBatch:
+        return TeacherForcedBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.predicts.to(device),
+            self.answers.to(device),
+            self.answer_lengths,
+        )
+
+
+def join(prompt: str, answer: str) -> str:
+    return f"{prompt.rstrip()} {answer.strip()}"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode(tokenizer, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
+    """Tokenize (prompt, answer) pairs for teacher forcing."""
+    rows, predicts, answers, lengths = [], [], [], []
+    for prompt, answer in pairs:
+        prompt_ids = tokenizer(prompt.rstrip()).input_ids
+        full_ids = tokenizer(join(prompt, answer)).input_ids
+        start = max(1, _common_prefix(prompt_ids, full_ids))
+        if start >= len(full_ids):
+            raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
+        rows.append(full_ids)
+        predicts.append([start - 1 <= i < len(full_ids) - 1 for i in range(len(full_ids))])
+        answers += full_ids[start:]
+        lengths.append(len(full_ids) - start)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    predict_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (ids, mask) in enumerate(zip(rows, predicts, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        predict_mask[i, : len(ids)] = torch.tensor(mask)
+    return TeacherForcedBatch(input_ids, attention_mask, predict_mask, torch.tensor(answers), lengths)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
+    """Logits (n, vocab) at the positions that predict answer tokens (only those are projected when possible)."""
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = batch.predicts  # a boolean mask: transformers projects only these positions
+    logits = model(**kwargs).logits
+    return logits if logits.dim() == 2 else logits[batch.predicts]
