@@ -16,11 +16,11 @@ from pathlib import Path
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from .adapter_file import ADAPTER_WEIGHTS
 from .config import LEMoEConfig
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SHAPE_FIELDS = ("num_experts", "num_anchors", "route_calibration_size")
 
 

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from .adapter_file import check_adapter_file
 from .edit_log import EDIT_LOG_NAME, parse_edit_log, save_edit_log
+from .hub import write_card
 from .registration import LEMOE
 
 logger = logging.getLogger(__name__)
@@ -124,12 +126,14 @@ class LEMoEConfig(PeftConfig):
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
         save_edit_log(save_directory, self.edit_log)
+        write_card(save_directory, self)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
+            check_adapter_file(folder, config)
             path = os.path.join(folder, EDIT_LOG_NAME)
             text = Path(path).read_text(encoding="utf-8") if os.path.isfile(path) else None
         else:

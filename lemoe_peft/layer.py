@@ -301,20 +301,30 @@ class LEMoELinear(nn.Module, LEMoELayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        captured = self._routing.captured
-        if captured is not None:
+        sequences = self._as_sequences(x)
+        if self._routing.captured is not None:
             context = self._routing.current
-            captured[id(self)] = (x.detach(), None if context is None else context.valid)
+            self._routing.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
         if self.disable_adapters:
             return result
         pooled: dict[str, torch.Tensor] = {}
         for adapter_name in self.active_adapters:
             if adapter_name not in self.lemoe_keys or self.num_anchors(adapter_name) == 0:
                 continue
-            query = self._pooled_for_call(x, self.lemoe_settings[adapter_name].pooling, pooled)
+            query = self._pooled_for_call(sequences, self.lemoe_settings[adapter_name].pooling, pooled)
             experts, weights = self.route(adapter_name, query)
-            result = result + self.mix_experts(adapter_name, x, experts, weights).to(result.dtype)
+            delta = self.mix_experts(adapter_name, sequences, experts, weights)
+            result = result + delta.reshape(result.shape).to(result.dtype)
         return result
+
+    def _as_sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (batch, tokens, features): some models (OPT) flatten the tokens of a batch before the FFN."""
+        if x.dim() == 3:
+            return x
+        context = self._routing.current
+        if context is not None and context.tokens is not None and x.shape[0] == context.tokens[0] * context.tokens[1]:
+            return x.view(*context.tokens, x.shape[-1])
+        return x.reshape(1, -1, x.shape[-1])  # unknown batch layout: one sequence
 
     def __repr__(self) -> str:
         return "lemoe." + super().__repr__()

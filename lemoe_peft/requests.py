@@ -88,7 +88,10 @@ class EditRequest:
         data["rephrase_prompts"] = list(self.rephrase_prompts)
         for name in ("locality", "portability"):
             data[name] = {
-                "probes": {"prompt": [p.prompt for p in getattr(self, name)], "ground_truth": [p.answer for p in getattr(self, name)]}
+                "probes": {
+                    "prompt": [p.prompt for p in getattr(self, name)],
+                    "ground_truth": [p.answer for p in getattr(self, name)],
+                }
             }
         return data
 

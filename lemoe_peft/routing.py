@@ -120,6 +120,7 @@ def select_experts(
 class CallContext:
     """What the routing layers need to know about the forward call in progress."""
 
+    tokens: tuple[int, int] | None  # (B, T) of this call's input ids, if known
     valid: torch.Tensor | None  # (B, T) mask of real (non-padding) tokens among this call's tokens
     prefix: dict[int, RunningSums]  # running sums per layer before this call (cached generation)
     updated: dict[int, RunningSums] = field(default_factory=dict)  # running sums per layer after this call
@@ -166,7 +167,8 @@ class RoutingSession:
             logger.warning(
                 "LEMoE continues from a KV cache it did not fill; routing of the new tokens ignores the cached prefix."
             )
-        self.current = CallContext(valid=valid, prefix=prefix or {})
+        shape = tuple(tokens.shape[:2]) if tokens is not None else None
+        self.current = CallContext(tokens=shape, valid=valid, prefix=prefix or {})
 
     def after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         context, self.current = self.current, None

@@ -1,0 +1,65 @@
+"""Checks an ``adapter_model.safetensors`` against its ``adapter_config.json`` before anything is loaded.
+
+A truncated or foreign file, or a config whose ``num_experts``/``num_anchors`` disagree with the stored tensors, is
+refused with a message that says what is wrong, instead of a partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# tensor name -> (dimension, what it must equal) for each LEMoE tensor whose leading size the config records
+_RECORDED_SIZES = {
+    "lemoe_frozen_A": lambda c: max(c.num_experts - 1, 0),
+    "lemoe_frozen_B": lambda c: max(c.num_experts - 1, 0),
+    "lemoe_keys": lambda c: c.num_anchors,
+    "lemoe_key_expert": lambda c: c.num_anchors,
+    "lemoe_key_threshold": lambda c: c.num_anchors,
+}
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The tensor table of a safetensors file, after checking that the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is truncated: it is too short to hold a safetensors header.")
+        (header_length,) = struct.unpack("<Q", prefix)
+        if header_length > size - 8:
+            raise ValueError(f"{path} is truncated or not a safetensors file (header of {header_length} bytes).")
+        try:
+            header = json.loads(file.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is corrupt: its header is not valid JSON ({error}).") from error
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    end = max((info["data_offsets"][1] for info in tensors.values()), default=0)
+    if 8 + header_length + end > size:
+        raise ValueError(f"{path} is truncated: {size} bytes, but its tensors need {8 + header_length + end}.")
+    return tensors
+
+
+def check_adapter_file(folder: str | Path, config: Any) -> None:
+    """Refuse an adapter folder whose weights are damaged or do not match ``config``."""
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return
+    tensors = read_header(path)
+    has_newest = any(".lemoe_A" in name for name in tensors)
+    problems = []
+    if has_newest != (config.num_experts > 0):
+        problems.append(f"the file {'has' if has_newest else 'lacks'} a newest expert")
+    for name, info in tensors.items():
+        field = name.rsplit(".", 1)[-1]
+        if field in _RECORDED_SIZES and info["shape"][0] != _RECORDED_SIZES[field](config):
+            problems.append(f"{name} has {info['shape'][0]} rows, expected {_RECORDED_SIZES[field](config)}")
+    if problems:
+        raise ValueError(
+            f"{path} does not match its adapter_config.json (num_experts={config.num_experts}, "
+            f"num_anchors={config.num_anchors}): {'; '.join(problems[:3])}. Nothing was loaded."
+        )

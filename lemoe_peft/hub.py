@@ -1,0 +1,64 @@
+"""The LEMoE model card, and uploading an adapter folder with it to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CARD_START, CARD_END = "<!-- lemoe:start -->", "<!-- lemoe:end -->"
+
+
+def card_section(config: Any) -> str:
+    """A model-card section saying what the adapter is: base model, where it sits, experts and edits."""
+    edits = sum(len(batch["requests"]) for batch in config.edit_log)
+    targets = ", ".join(f"`{t}`" for t in sorted(config.target_modules or []))
+    layers = config.layers_to_transform if config.layers_to_transform is not None else "all matching"
+    base = config.base_model_name_or_path or "(not recorded)"
+    return f"""{CARD_START}
+## LEMoE knowledge-edit adapter
+
+Lifelong knowledge edits of `{base}`, stored as a LEMoE mixture-of-experts adaptor (Wang & Li, EMNLP 2024,
+arXiv:2406.20030) with the `lemoe-peft` library: one expert per batch of edits,
+routed by anchor keys; inputs far from every anchor keep the base model's output.
+
+- Base model: `{base}`
+- Adaptor beside: {targets} in layers {layers}
+- Experts: {config.num_experts} (rank {config.expert_rank}), anchor keys: {config.num_anchors}
+- Edits: {edits} in {len(config.edit_log)} batches (listed in `edit_log.json`)
+
+```python
+import lemoe_peft  # registers the LEMOE adapter type with PEFT
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "<this repository or folder>")
+```
+{CARD_END}"""
+
+
+def write_card(directory: str | Path, config: Any) -> None:
+    """Add the LEMoE section to ``README.md`` in ``directory`` (replacing an older one), creating it if needed."""
+    path = Path(directory) / "README.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    section = card_section(config)
+    pattern = re.compile(re.escape(CARD_START) + ".*?" + re.escape(CARD_END), re.DOTALL)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text.lstrip(), encoding="utf-8")
+
+
+def push_to_hub(
+    model: Any, repo_id: str, *, private: bool | None = None, token: str | None = None, **kwargs: Any
+) -> Any:
+    """Upload ``model``'s adapters with the LEMoE model card.
+
+    ``model.push_to_hub(repo_id)`` uploads the same files, but transformers replaces ``README.md`` with its generic
+    card on the way; this function keeps the card that ``save_pretrained`` wrote.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, **kwargs)

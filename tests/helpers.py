@@ -1,0 +1,81 @@
+"""Test helpers: tiny random models of every supported architecture, and helpers that give a LEMoE adapter
+experts whose anchors route real inputs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: tests never touch the network
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+import lemoe_peft  # noqa: E402,F401  (registers the PEFT type)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+
+VOCAB = 128
+_COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4}
+_ATTENTION = {"num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_CONFIGS = {
+    "llama": {**_COMMON, **_ATTENTION},
+    "mistral": {**_COMMON, **_ATTENTION},
+    "qwen2": {**_COMMON, **_ATTENTION},
+    "qwen3": {**_COMMON, **_ATTENTION, "head_dim": 8},
+    "gemma": {**_COMMON, **_ATTENTION, "head_dim": 8},
+    "gemma2": {**_COMMON, **_ATTENTION, "head_dim": 8},
+    "gemma3_text": {**_COMMON, **_ATTENTION, "head_dim": 8},
+    "phi3": {**_COMMON, **_ATTENTION, "pad_token_id": 0},
+    "olmo2": {**_COMMON, **_ATTENTION},
+    "gpt2": {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 64},
+    "gpt_neox": {**_COMMON, "num_attention_heads": 4},
+    "opt": {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "ffn_dim": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "word_embed_proj_dim": 32,
+        "max_position_embeddings": 64,
+    },
+}
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 4-layer causal LM of ``model_type`` (tens of thousands of parameters)."""
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def token_batch(batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def give_expert(model, input_ids: torch.Tensor, adapter_name: str | None = None, scale: float = 0.5) -> int:
+    """Calibrate routing (first time), add an expert with random non-zero weights, and anchor it to every position
+    of ``input_ids``, so those inputs are routed to it. Returns the expert index."""
+    tuner = model.base_model
+    name = adapter_name or tuner.active_adapters[0]
+    layers = tuner.lemoe_layers(name)
+    if model.peft_config[name].route_calibration_size == 0:
+        with torch.no_grad(), tuner.capture_layer_inputs() as captured:
+            model(input_ids=token_batch(16, 12, seed=99))
+        samples = {key: layer.pooled_queries(name, *captured[key]).flatten(0, 1) for key, layer in layers.items()}
+        tuner.calibrate_routing(samples, name)
+    expert = tuner.add_expert(name)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lemoe_B[name].normal_(std=scale)
+        with tuner.capture_layer_inputs() as captured:
+            model(input_ids=input_ids)
+    keys = {
+        key: layer.route_queries(name, layer.pooled_queries(name, *captured[key])).flatten(0, 1)
+        for key, layer in layers.items()
+    }
+    tuner.add_anchors(expert, keys, adapter_name=name)
+    return expert

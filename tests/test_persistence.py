@@ -1,0 +1,110 @@
+"""Everything an adapter holds lives in adapter_config.json, edit_log.json and adapter_model.safetensors, reloads
+bit-for-bit in a fresh process under any adapter name, and damaged or mismatched files are refused loudly."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from lemoe_peft import LEMoEConfig
+
+from .helpers import give_expert, tiny_model, token_batch
+
+INPUTS = token_batch()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny base model saved to disk, and a two-expert LEMoE adapter for it with its logits."""
+    tiny_model().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    give_expert(model, INPUTS)
+    give_expert(model, token_batch(seed=5))
+    model.peft_config["default"].edit_log = [{"expert": 0, "requests": []}, {"expert": 1, "requests": []}]
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        save_file({"logits": model(INPUTS).logits, "inputs": INPUTS}, tmp_path / "expected.safetensors")
+    return tmp_path
+
+
+def test_adapter_folder_holds_only_json_safetensors_and_the_card(saved):
+    files = sorted(p.name for p in (saved / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "edit_log.json"]
+    config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
+    assert config["num_experts"] == 2 and config["num_anchors"] == 2 * INPUTS.numel()
+    tensors = load_file(saved / "adapter" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_frozen_A"].shape == (1, 64, 4)
+    assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_keys"].shape == (2 * INPUTS.numel(), 64)
+    card = (saved / "adapter" / "README.md").read_text()
+    assert "Experts: 2 (rank 4)" in card and str(saved / "base") in card and "import lemoe_peft" in card
+
+
+def test_fresh_process_reload_under_another_name_is_bit_exact(saved):
+    script = textwrap.dedent(
+        f"""
+        import torch, lemoe_peft
+        from peft import PeftModel
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        expected = load_file({str(saved / "expected.safetensors")!r})
+        base = AutoModelForCausalLM.from_pretrained({str(saved / "base")!r})
+        model = PeftModel.from_pretrained(base, {str(saved / "adapter")!r}, adapter_name="renamed")
+        assert model.peft_config["renamed"].edit_log[1]["expert"] == 1
+        with torch.no_grad():
+            assert torch.equal(model(expected["inputs"]).logits, expected["logits"]), "logits differ"
+        print("bit-exact")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "bit-exact" in result.stdout
+
+
+def test_auto_peft_model_loads_the_base_and_the_adapter(saved):
+    model = AutoPeftModelForCausalLM.from_pretrained(saved / "adapter")
+    expected = load_file(saved / "expected.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(expected["inputs"]).logits, expected["logits"])
+
+
+def test_loading_onto_a_base_model_of_another_shape_is_refused(saved):
+    other = AutoModelForCausalLM.from_config(
+        tiny_model().config.__class__(**{**tiny_model().config.to_dict(), "intermediate_size": 48})
+    )
+    with pytest.raises((ValueError, RuntimeError), match="does not match|size mismatch"):
+        PeftModel.from_pretrained(other, saved / "adapter")
+
+
+def test_truncated_weights_are_refused(saved):
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
+def test_config_disagreeing_with_the_tensors_is_refused(saved):
+    config_path = saved / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["num_experts"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match its adapter_config.json.*num_experts=3"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
+def test_checkpoint_mismatch_is_refused_by_the_tuner_for_files_loaded_elsewhere(saved):
+    """Hub downloads skip the folder check; the tuner checks the tensors it receives against the config."""
+    config = LEMoEConfig.from_pretrained(saved / "adapter")
+    config.num_anchors += 1
+    model = get_peft_model(tiny_model(), config)
+    state = load_file(saved / "adapter" / "adapter_model.safetensors")
+    from peft.utils import set_peft_model_state_dict
+
+    with pytest.raises((ValueError, RuntimeError), match="does not match|size mismatch"):
+        set_peft_model_state_dict(model, state)

@@ -1,0 +1,89 @@
+"""LEMoE inside existing fine-tuning pipelines: next to LoRA adapters, and trained by transformers' Trainer."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from transformers import Trainer, TrainingArguments
+
+from lemoe_peft import LEMoEConfig
+
+from .helpers import give_expert, tiny_model, token_batch
+
+INPUTS = token_batch()
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(INPUTS).logits
+
+
+def test_lemoe_on_a_lora_merged_model_round_trips(tmp_path):
+    lora = get_peft_model(tiny_model(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    merged = lora.merge_and_unload()
+    model = get_peft_model(merged, LEMoEConfig(task_type="CAUSAL_LM"))
+    give_expert(model, INPUTS)
+    expected = _logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded_base = get_peft_model(
+        tiny_model(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).merge_and_unload()
+    assert torch.equal(_logits(PeftModel.from_pretrained(reloaded_base, tmp_path)), expected)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to modify a model with PEFT for a second time")
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_lemoe_beside_a_live_lora_adapter_on_the_same_ffn(tmp_path):
+    torch.manual_seed(0)
+    lora_config = LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    with_lora = inject_adapter_in_model(lora_config, tiny_model())
+    lora_only = _logits(with_lora)
+    model = get_peft_model(with_lora, LEMoEConfig(task_type="CAUSAL_LM"))
+    layer = model.base_model.lemoe_layers()["model.layers.3.mlp.down_proj"]
+    assert type(layer.base_layer).__module__.startswith("peft.tuners.lora"), "LEMoE wraps the LoRA layer"
+    assert torch.equal(_logits(model), lora_only), "without experts the LoRA model is unchanged"
+    give_expert(model, INPUTS)
+    edited = _logits(model)
+    assert not torch.allclose(edited, lora_only)
+    with model.disable_adapter():  # PEFT disables every tuner layer in the model, LoRA's too
+        assert torch.equal(_logits(model), _logits(tiny_model()))
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = inject_adapter_in_model(lora_config, tiny_model())
+    assert torch.equal(_logits(PeftModel.from_pretrained(fresh, tmp_path)), edited)
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, index):
+        ids = INPUTS[index % len(INPUTS)]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_trainer_trains_only_the_newest_expert(tmp_path):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    give_expert(model, token_batch(seed=8))
+    give_expert(model, INPUTS)
+    layer = next(iter(model.base_model.lemoe_layers().values()))
+    newest_before = layer.lemoe_B["default"].detach().clone()
+    frozen_before = layer.lemoe_frozen_B["default"].clone()
+    base_before = layer.base_layer.weight.detach().clone()
+    loss_before = model(input_ids=INPUTS, labels=INPUTS).loss.item()
+
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=3,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+    )
+    Trainer(model=model, args=arguments, train_dataset=_Sequences()).train()
+
+    assert not torch.equal(layer.lemoe_B["default"], newest_before), "the newest expert trained"
+    assert torch.equal(layer.lemoe_frozen_B["default"], frozen_before), "earlier experts stay frozen"
+    assert torch.equal(layer.base_layer.weight, base_before), "the base model stays frozen"
+    assert model(input_ids=INPUTS, labels=INPUTS).loss.item() < loss_before

@@ -1,0 +1,86 @@
+"""KV anchor routing: its pieces, and the consistency the method is named for (teacher-forced vs cached generation)."""
+
+import torch
+from peft import get_peft_model
+
+from lemoe_peft import LEMoEConfig
+from lemoe_peft.routing import causal_mean, select_experts, whiten, whitening_statistics
+
+from .helpers import give_expert, tiny_model, token_batch
+
+
+def test_causal_mean_continues_from_a_prefix_exactly():
+    x = torch.randn(2, 7, 5)
+    whole, _ = causal_mean(x)
+    first, sums = causal_mean(x[:, :4])
+    rest, _ = causal_mean(x[:, 4:], prefix=sums)
+    assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-6)
+    assert torch.allclose(whole[:, 2], x[:, :3].mean(dim=1), atol=1e-6)
+
+
+def test_causal_mean_ignores_padding():
+    x = torch.randn(1, 5, 3)
+    valid = torch.tensor([[False, False, True, True, True]])
+    means, _ = causal_mean(x, valid)
+    assert torch.allclose(means[0, 3], x[0, 2:4].mean(dim=0), atol=1e-6)
+
+
+def test_whitening_equalises_principal_directions_and_shrinks_the_rest():
+    samples = torch.randn(2000, 8) * torch.tensor([10.0, 5, 1, 1, 1, 1, 1, 1]) + 3
+    mean, basis, scale = whitening_statistics(samples, rank=2)
+    assert torch.allclose(mean, samples.mean(0), atol=1e-4)
+    spread = whiten(samples, mean, basis, scale, normalize=False).std(0)
+    assert torch.allclose(spread[:2], torch.ones(2), atol=0.05)  # variance 100 and 25 -> 1
+    assert torch.allclose(spread[2:], spread[2:].mean(), atol=0.05) and spread[2:].mean() < 0.9  # shrunk noise
+
+
+def test_select_experts_thresholds_ties_and_top_k():
+    keys = torch.eye(3)
+    key_expert = torch.tensor([0, 1, 1])
+    threshold = torch.full((3,), 0.5)
+    queries = torch.tensor([[1.0, 0, 0], [0, 0.8, 0.6], [0.1, 0.1, 0.1], [0.6, 0.8, 0]])
+    experts, weights = select_experts(queries, keys, key_expert, threshold, 2, 1, 0.1)
+    assert experts[:, 0].tolist() == [0, 1, -1, 1]  # below every threshold: no expert
+    assert weights[2].sum() == 0 and torch.allclose(weights[[0, 1, 3]].sum(-1), torch.ones(3))
+    tied, _ = select_experts(
+        torch.tensor([[1.0, 0, 0]]), torch.eye(3)[[0, 0]], torch.tensor([0, 1]), threshold[:2], 2, 1, 0.1
+    )
+    assert tied.item() == 1, "on equal scores the newest expert wins (a re-edit overrides)"
+    experts, weights = select_experts(queries[3:], keys, key_expert, threshold, 2, 2, 0.1)
+    assert experts.tolist() == [[1, 0]] and torch.allclose(weights.sum(), torch.tensor(1.0))
+
+
+def _edited_model():
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    prompt = token_batch(1, 6, seed=3)
+    with torch.no_grad():
+        continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    give_expert(model, continuation, scale=3.0)  # anchors at every position of prompt + continuation
+    return model, prompt
+
+
+def test_generation_with_kv_cache_routes_like_teacher_forcing():
+    model, prompt = _edited_model()
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
+        with model.disable_adapter():
+            base = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
+    generated = torch.cat(out.logits)
+    assert not torch.allclose(forced, base, atol=1e-2), "the expert must be active on the generated tokens"
+    assert torch.allclose(generated, forced, atol=1e-4)
+
+
+def test_left_padded_batch_generation_matches_single_prompts():
+    model, prompt = _edited_model()
+    other = token_batch(1, 4, seed=11)
+    with torch.no_grad():
+        single = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1] :]
+        padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), other], dim=1)
+        batch = torch.cat([prompt, padded])
+        mask = torch.ones_like(batch)
+        mask[1, :2] = 0
+        batched = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)[0, batch.shape[1] :]
+    assert torch.equal(single, batched)
