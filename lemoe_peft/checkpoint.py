@@ -46,7 +46,7 @@ def save_checkpoint(model, directory: str | os.PathLike, adapter_name: str) -> N
     staging = directory.with_name(directory.name + ".staging")
     previous = directory.with_name(directory.name + ".previous")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging), selected_adapters=[adapter_name])
+    model.save_pretrained(str(staging), selected_adapters=[adapter_name], save_embedding_layers=False)
     source = staging / adapter_name if adapter_name != "default" else staging
     for path in source.iterdir():
         with open(path, "rb") as file:

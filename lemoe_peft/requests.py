@@ -27,7 +27,8 @@ class EditRequest:
     ``portability`` probes test consequences of the edit. Build one directly, or from an EasyEdit request dict with
     :meth:`from_dict` (``prompt``, ``target_new``, ``ground_truth``, ``subject``, ``rephrase_prompt``,
     ``locality``/``portability`` as ``{name: {"prompt": ..., "ground_truth": ...}}`` or KnowEdit's
-    ``{name: [{"prompt": ..., "ground_truth": ...}]}``, or flat ``locality_prompt``/``locality_ground_truth``).
+    ``{name: [{"prompt": ..., "ground_truth": ...}]}``, or flat ``locality_prompt``/``locality_ground_truth``;
+    WISE's temporal data names its rephrase ``ood_rephrase``).
     """
 
     prompt: str
@@ -65,7 +66,7 @@ class EditRequest:
             raise RequestError(f"a request must be a mapping, got {type(record).__name__}")
         if "prompt" not in record or "target_new" not in record:
             raise RequestError("a request needs the fields 'prompt' and 'target_new'")
-        rephrases = record.get("rephrase_prompts", record.get("rephrase_prompt"))
+        rephrases = record.get("rephrase_prompts", record.get("rephrase_prompt", record.get("ood_rephrase")))
         locality = list(_probes(record.get("locality"), "locality"))
         if record.get("locality_prompt") is not None:
             locality += _zip_probes(record["locality_prompt"], record.get("locality_ground_truth"), "locality")

@@ -1,0 +1,167 @@
+"""The ``lemoe`` command: edit facts into a model, evaluate an adapter, inspect an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .evaluation import evaluate_edits
+from .loaders import FORMATS, load_edit_requests
+
+METRIC_LABELS = {
+    "rewrite_acc": "Reliability  (rewrite_acc)",
+    "rephrase_acc": "Generality   (rephrase_acc)",
+    "locality_acc": "Locality     (locality_acc)",
+    "portability_acc": "Portability  (portability_acc)",
+}
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="edit requests: .json/.jsonl in a known format")
+    parser.add_argument("--format", choices=sorted(FORMATS), help="data format (default: detected)")
+    parser.add_argument("--limit", type=int, help="use the first N requests")
+    parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+    parser.add_argument("--json", type=Path, help="also write the results (per case and means) to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lemoe", description="Lifelong model editing with LEMoE adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    edit = commands.add_parser("edit", help="edit facts into a model and report Rel/Gen/Loc")
+    edit.add_argument("--model", required=True, help="model folder, .gguf file, or 'smollm2'")
+    edit.add_argument("--out", required=True, type=Path, help="adapter folder (resumed from if it exists)")
+    _add_data_arguments(edit)
+    edit.add_argument("--batch-size", type=int, default=10, help="edits per expert (default 10)")
+    edit.add_argument("--max-steps", type=int, help="optimisation steps per batch")
+    edit.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    edit.add_argument("--threshold", type=float, help="anchor score an input needs to reach an expert")
+    edit.add_argument("--no-plan", action="store_true", help="keep arrival order (no clustering-based planning)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--checkpoint-every", type=int, default=5, help="save the adapter every N batches")
+    edit.add_argument("--no-eval", action="store_true", help="skip the evaluation after editing")
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter")
+    evaluate.add_argument("--model", required=True, help="model folder, .gguf file, or 'smollm2'")
+    evaluate.add_argument("--adapter", required=True, type=Path, help="LEMoE adapter folder")
+    _add_data_arguments(evaluate)
+
+    inspect = commands.add_parser("inspect", help="describe an adapter; with --prompt, say which expert answers")
+    inspect.add_argument("adapter", type=Path, help="LEMoE adapter folder")
+    inspect.add_argument("--model", help="base model (needed with --prompt)")
+    inspect.add_argument("--prompt", help="a prompt to route")
+    return parser
+
+
+def _print_table(title: str, results: dict[str, Any], extra: dict[str, str]) -> None:
+    print(f"\n{title}")
+    for metric, label in METRIC_LABELS.items():
+        if metric in results:
+            print(f"  {label:<32} {results[metric]:.3f}")
+    for label, value in extra.items():
+        print(f"  {label:<32} {value}")
+
+
+def _write_json(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        from .edit_log import write_json_atomic
+
+        write_json_atomic(path, data)
+        print(f"  results written to {path}")
+
+
+def _edit(args: argparse.Namespace) -> None:
+    from peft import get_peft_model
+
+    from . import LEMoEConfig
+    from .editor import LEMoEEditor
+    from .models import load_model_and_tokenizer
+
+    requests = load_edit_requests(args.data, args.format, args.limit, args.skip_invalid)
+    base, tokenizer = load_model_and_tokenizer(args.model)
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+    settings = {"batch_size": args.batch_size, "plan_order": not args.no_plan, "seed": args.seed}
+    optional = {"max_steps": args.max_steps, "learning_rate": args.learning_rate, "anchor_threshold": args.threshold}
+    settings.update({key: value for key, value in optional.items() if value is not None})
+    editor = LEMoEEditor(model, tokenizer, **settings)
+    report = editor.edit(requests, checkpoint_dir=str(args.out), checkpoint_every=args.checkpoint_every)
+    config = model.peft_config["default"]
+    print(
+        f"Edited {report.num_edits} requests in {len(report.batches)} new experts "
+        f"({report.skipped} already in {args.out}); the adapter holds {config.num_experts} experts."
+    )
+    extra = {"edit time": f"{report.seconds:.1f} s ({report.seconds_per_edit:.2f} s/edit)", "adapter": str(args.out)}
+    if args.no_eval:
+        return
+    protocol = {
+        "model": args.model,
+        "data": f"{args.data} (first {len(requests)})",
+        **{key: value for key, value in vars(editor.settings).items()},
+    }
+    results = evaluate_edits(model, tokenizer, requests, protocol=protocol)
+    _print_table(f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream", results, extra)
+    _write_json(args.json, results)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from peft import PeftModel
+
+    from .models import load_model_and_tokenizer
+
+    requests = load_edit_requests(args.data, args.format, args.limit, args.skip_invalid)
+    base, tokenizer = load_model_and_tokenizer(args.model)
+    model = PeftModel.from_pretrained(base, str(args.adapter))
+    protocol = {"model": args.model, "adapter": str(args.adapter), "data": f"{args.data} (first {len(requests)})"}
+    results = evaluate_edits(model, tokenizer, requests, protocol=protocol)
+    _print_table(f"{args.adapter} on {args.model}: {len(requests)} requests", results, {})
+    _write_json(args.json, results)
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from . import LEMoEConfig
+    from .inspection import describe_adapter, which_expert
+
+    summary = describe_adapter(LEMoEConfig.from_pretrained(str(args.adapter)))
+    print(f"{args.adapter}: LEMoE adapter for {summary['base_model']}")
+    print(f"  beside {', '.join(summary['target_modules'])} in layers {summary['layers']}")
+    print(f"  {summary['num_experts']} experts, {summary['num_anchors']} anchor keys, {summary['num_edits']} edits")
+    for expert in summary["experts"]:
+        print(f"  expert {expert['expert']:>4}: {expert['edits']} edits, e.g. {'; '.join(expert['examples'][:2])}")
+    if args.prompt:
+        if not args.model:
+            raise SystemExit("--prompt needs --model (the base model the adapter was made for)")
+        from peft import PeftModel
+
+        from .models import load_model_and_tokenizer
+
+        base, tokenizer = load_model_and_tokenizer(args.model)
+        result = which_expert(PeftModel.from_pretrained(base, str(args.adapter)), tokenizer, args.prompt)
+        print(f"\n{args.prompt!r}:")
+        for layer, route in result["layers"].items():
+            target = (
+                f"expert {route['expert']} (anchor score {route['score']:.3f})"
+                if route["expert"] is not None
+                else ("no expert: the base model answers")
+            )
+            print(f"  {layer}: {target}")
+        if result["edited_in_expert"] is not None:
+            print(f"  this exact prompt was edited into expert {result['edited_in_expert']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        {"edit": _edit, "eval": _evaluate, "inspect": _inspect}[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"lemoe {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
