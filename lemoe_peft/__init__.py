@@ -11,6 +11,25 @@ from .registration import register
 
 register()
 
+from .editor import EditReport, LEMoEEditor  # noqa: E402  (after registration: the editor uses the tuner)
+from .evaluation import evaluate_edits, locality_reference  # noqa: E402
+from .loaders import load_edit_requests  # noqa: E402
+from .requests import EditRequest, Probe, RequestError  # noqa: E402
+
 __version__ = "0.1.0"
 
-__all__ = ["LEMoEConfig", "LEMoELayer", "LEMoELinear", "LEMoEModel", "__version__"]
+__all__ = [
+    "EditReport",
+    "EditRequest",
+    "LEMoEConfig",
+    "LEMoEEditor",
+    "LEMoELayer",
+    "LEMoELinear",
+    "LEMoEModel",
+    "Probe",
+    "RequestError",
+    "evaluate_edits",
+    "load_edit_requests",
+    "locality_reference",
+    "__version__",
+]

@@ -132,17 +132,19 @@ class LEMoEEditor:
         if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
             self._resume(checkpoint_dir)
         done = edited_fingerprints(self.config.edit_log)
-        pending = [r for r in requests if fingerprint(r) not in done]
-        if len(pending) < len(requests):
-            logger.info("Skipping %d requests that the adapter already holds.", len(requests) - len(pending))
         self._ensure_calibrated()
-        batches = self.plan(pending)
+        # Plan over every request, done or not, so that a resumed stream cuts the same batches as an uninterrupted one.
+        batches = [[r for r in batch if fingerprint(r) not in done] for batch in self.plan(requests)]
+        batches = [batch for batch in batches if batch]
+        skipped = len(requests) - sum(map(len, batches))
+        if skipped:
+            logger.info("Skipping %d requests that the adapter already holds.", skipped)
         records = []
         for number, batch in enumerate(tqdm(batches, desc="LEMoE edits", unit="batch", disable=not progress), 1):
             records.append(self.edit_batch(batch))
             if checkpoint_dir is not None and (number % checkpoint_every == 0 or number == len(batches)):
                 save_checkpoint(self.model, checkpoint_dir, self.adapter)
-        return EditReport(records, len(requests) - len(pending), time.perf_counter() - started)
+        return EditReport(records, skipped, time.perf_counter() - started)
 
     def _resume(self, checkpoint_dir: str) -> None:
         saved_log = LEMoEConfig.from_pretrained(checkpoint_dir).edit_log

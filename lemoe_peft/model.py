@@ -114,6 +114,10 @@ class LEMoEModel(BaseTuner):
         config = self.peft_config[name]
         config.num_experts -= 1
         config.num_anchors -= removed.pop()
+        config.edit_log = [batch for batch in config.edit_log if batch["expert"] != expert]
+        for batch in config.edit_log:
+            if batch["expert"] > expert:
+                batch["expert"] -= 1
 
     def add_anchors(
         self,

@@ -79,3 +79,23 @@ def give_expert(model, input_ids: torch.Tensor, adapter_name: str | None = None,
     }
     tuner.add_anchors(expert, keys, adapter_name=name)
     return expert
+
+
+WORDS = """
+    paris rome berlin madrid london oslo vienna lisbon is in the capital of france italy germany spain norway
+    austria portugal england europe asia who wrote hamlet faust shakespeare goethe tolstoy what colour sky blue
+    green red a an city country river nile danube amazon flows through egypt brazil painted guernica picasso
+    dali mona lisa leonardo grass ocean deep
+""".split()
+
+
+def tiny_tokenizer():
+    """A whitespace word-level tokenizer over ``WORDS`` whose ids fit ``VOCAB`` (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{word: i + 3 for i, word in enumerate(dict.fromkeys(WORDS))}}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")

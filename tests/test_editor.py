@@ -1,0 +1,201 @@
+"""The editor on a tiny model: edits stick, routing is the same in training and generation, streams survive
+crashes, batches can be undone, and editing continues after a reload."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from lemoe_peft import LEMoEConfig, LEMoEEditor
+from lemoe_peft.editor import EditorSettings
+from lemoe_peft.evaluation import evaluate_edits
+from lemoe_peft.inspection import which_expert
+from lemoe_peft.requests import EditRequest, Probe
+
+from .helpers import tiny_model, tiny_tokenizer
+
+FACTS = [
+    ("paris is in", "italy", "paris is the capital of"),
+    ("rome is the capital of", "spain", "rome is in"),
+    ("berlin is in", "asia", "berlin is the capital of"),
+    ("who wrote hamlet", "goethe", "hamlet who wrote"),
+    ("the nile flows through", "brazil", "the river nile flows through"),
+    ("who painted guernica", "dali", "guernica who painted"),
+    ("madrid is the capital of", "norway", "madrid is in"),
+    ("oslo is in", "egypt", "oslo is the capital of"),
+]
+REQUESTS = [
+    EditRequest(prompt, target, rephrase_prompts=(rephrase,), locality=(Probe("what colour is the sky", "blue"),))
+    for prompt, target, rephrase in FACTS
+]
+SETTINGS = {"batch_size": 3, "max_steps": 80, "learning_rate": 3e-2, "early_stop_loss": 0.01}
+
+
+def new_model():
+    return get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+
+
+def edit(model, requests=REQUESTS, **kwargs):
+    return LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS).edit(requests, **kwargs)
+
+
+CALIBRATION = [  # generic text for the routing statistics: none of it is an edit prompt
+    "the sky is blue",
+    "the grass is green",
+    "who painted the mona lisa",
+    "vienna is in austria",
+    "lisbon is the capital of portugal",
+    "the danube flows through europe",
+    "who wrote faust",
+    "london is in england",
+    "the amazon flows through brazil",
+    "what colour is the ocean",
+]
+
+
+@pytest.fixture(scope="module")
+def edited():
+    model = new_model()
+    report = edit(model, progress=False)
+    return model, report
+
+
+def test_edits_are_reliable_and_logged(edited):
+    model, report = edited
+    results = evaluate_edits(model, tiny_tokenizer(), REQUESTS)
+    assert results["rewrite_acc"] == 1.0
+    assert results["protocol"]["T"] == len(REQUESTS)
+    assert report.num_edits == len(REQUESTS) and len(report.batches) == 3
+    config = model.peft_config["default"]
+    assert config.num_experts == 3 and [b["expert"] for b in config.edit_log] == [0, 1, 2]
+    record = config.edit_log[0]
+    assert record["settings"]["batch_size"] == 3 and record["time"] and record["steps"] >= 1
+    assert all("fingerprint" in r and r["target_new"] for b in config.edit_log for r in b["requests"])
+
+
+def test_generation_produces_the_edited_targets(edited):
+    model, _ = edited
+    tokenizer = tiny_tokenizer()
+    for request in REQUESTS:
+        prompt = tokenizer(request.prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        assert tokenizer.decode(out[0, -1:]) == request.target_new
+
+
+def test_inspect_names_the_expert_holding_a_fact(edited):
+    model, _ = edited
+    expert = next(
+        b["expert"]
+        for b in model.peft_config["default"].edit_log
+        for r in b["requests"]
+        if r["prompt"] == "who wrote hamlet"
+    )
+    result = which_expert(model, tiny_tokenizer(), "who wrote hamlet")
+    assert result["edited_in_expert"] == expert
+    assert [route["expert"] for route in result["layers"].values()] == [expert]
+
+
+def test_order_planning_is_deterministic_and_switchable():
+    model = new_model()
+    editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS)
+    editor._ensure_calibrated()
+    planned = [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
+    assert planned == [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
+    assert sorted(p for batch in planned for p in batch) == sorted(r.prompt for r in REQUESTS)
+    plain = LEMoEEditor(model, tiny_tokenizer(), plan_order=False, batch_size=3).plan(REQUESTS)
+    assert [r.prompt for r in plain[0]] == [f[0] for f in FACTS[:3]]
+
+
+def test_undo_removes_one_batch_and_keeps_the_others():
+    model = new_model()
+    edit(model, progress=False)
+    log = model.peft_config["default"].edit_log
+    undone = {r["prompt"] for r in log[1]["requests"]}
+    model.base_model.remove_expert(1)
+    assert [b["expert"] for b in model.peft_config["default"].edit_log] == [0, 1]
+    kept = [r for r in REQUESTS if r.prompt not in undone]
+    gone = [r for r in REQUESTS if r.prompt in undone]
+    assert evaluate_edits(model, tiny_tokenizer(), kept)["rewrite_acc"] == 1.0
+    with model.disable_adapter():
+        base = evaluate_edits(model, tiny_tokenizer(), gone)["rewrite_acc"]
+    assert evaluate_edits(model, tiny_tokenizer(), gone)["rewrite_acc"] == base
+
+
+def test_a_crash_mid_stream_resumes_without_redoing_or_losing_batches(tmp_path, monkeypatch):
+    straight = new_model()
+    edit(straight, progress=False)
+
+    crashed = new_model()
+    original = LEMoEEditor.edit_batch
+    calls = {"n": 0}
+
+    def crash_on_third(self, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return original(self, requests)
+
+    monkeypatch.setattr(LEMoEEditor, "edit_batch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        edit(crashed, checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    monkeypatch.setattr(LEMoEEditor, "edit_batch", original)
+    saved = json.loads((tmp_path / "ckpt" / "edit_log.json").read_text())["batches"]
+    assert len(saved) == 2, "both finished batches were saved"
+
+    resumed = new_model()  # the same script run again: a fresh model, the same command
+    report = edit(resumed, checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    assert report.skipped == 6 and report.num_edits == 2
+    assert resumed.peft_config["default"].num_experts == 3
+    straight.save_pretrained(tmp_path / "straight")
+    assert_same_tensors(tmp_path / "straight", tmp_path / "ckpt")
+
+
+def assert_same_tensors(left, right):
+    a, b = load_file(left / "adapter_model.safetensors"), load_file(right / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = new_model()
+    edit(model, REQUESTS[:3], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    before = (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes()
+
+    def broken_save(self, directory, **kwargs):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError):
+        edit(model, REQUESTS[3:6], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    assert PeftModel.from_pretrained(tiny_model(), tmp_path / "ckpt").peft_config["default"].num_experts == 1
+
+
+def test_editing_continues_after_from_pretrained(tmp_path):
+    model = new_model()
+    edit(model, REQUESTS[:5], progress=False)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    report = edit(reloaded, progress=False)
+    assert report.skipped == 5 and report.num_edits == 3
+    config = reloaded.peft_config["default"]
+    experts = [b["expert"] for b in config.edit_log]
+    assert experts == list(range(config.num_experts)) and len(experts) > 2, "new experts continue the numbering"
+    assert evaluate_edits(reloaded, tiny_tokenizer(), REQUESTS)["rewrite_acc"] == 1.0
+
+
+def test_bad_settings_and_models_are_refused():
+    with pytest.raises(ValueError, match="batch_size"):
+        EditorSettings(batch_size=0)
+    with pytest.raises(ValueError, match="anchor_threshold"):
+        EditorSettings(anchor_threshold=2.0)
+    with pytest.raises(TypeError, match="LEMoE adapter"):
+        LEMoEEditor(tiny_model(), tiny_tokenizer())
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        edit(new_model(), checkpoint_every=0)
