@@ -16,7 +16,6 @@ from importlib import resources
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
 from .teacher_forcing import answer_logits, encode
+from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,12 @@ class EditorSettings:
 
     batch_size: int = 10
     max_steps: int = 60
-    learning_rate: float = 1e-2
+    learning_rate: float = 3e-2
     early_stop_loss: float = 0.02
     plan_order: bool = True
     seed: int = 0
     anchor_threshold: float | None = None  # score an input needs to reach a new anchor; None: the config's default
+    preserve_weight: float = 1.0  # weight of keeping other prompt positions' predictions (0: off)
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +51,7 @@ class EditorSettings:
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.early_stop_loss >= 0, "early_stop_loss must be >= 0"),
+            (self.preserve_weight >= 0, "preserve_weight must be >= 0"),
             (self.anchor_threshold is None or -1 <= self.anchor_threshold <= 1, "anchor_threshold must lie in [-1, 1]"),
         ]
         for ok, message in checks:
@@ -180,12 +182,20 @@ class LEMoEEditor:
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
         keys = {name: self._queries(name, captured)[batch.predicts] for name in layers}
-        threshold = self.settings.anchor_threshold
-        self.tuner.add_anchors(expert, keys, threshold, adapter_name=self.adapter)
+        self.tuner.add_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
         parameters = [
             p for layer in layers.values() for p in (layer.lemoe_A[self.adapter], layer.lemoe_B[self.adapter])
         ]
-        steps, loss = self._train(parameters, batch, replay)
+        objective = Objective(batch, self._preserved_positions(expert, batch, captured), self.settings.preserve_weight)
+        steps, loss = fit(
+            self.model,
+            parameters,
+            objective,
+            max_steps=self.settings.max_steps,
+            learning_rate=self.settings.learning_rate,
+            early_stop_loss=self.settings.early_stop_loss,
+            replay=replay.replay,
+        )
         for parameter in parameters:
             parameter.requires_grad_(False)
         record = {
@@ -200,21 +210,16 @@ class LEMoEEditor:
         self.config.edit_log.append(record)
         return record
 
-    def _train(self, parameters: list[torch.nn.Parameter], batch, replay: LowerLayerReplay) -> tuple[int, float]:
-        for parameter in parameters:
-            parameter.requires_grad_(True)
-        optimizer = torch.optim.Adam(parameters, lr=self.settings.learning_rate)
-        loss_value = float("inf")
-        for step in range(self.settings.max_steps + 1):
-            with replay.replay():
-                loss = F.cross_entropy(answer_logits(self.model, batch).float(), batch.answers)
-            loss_value = loss.item()
-            if loss_value <= self.settings.early_stop_loss or step == self.settings.max_steps:
-                return step, loss_value
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return self.settings.max_steps, loss_value
+    def _preserved_positions(self, expert: int, batch, captured: dict) -> torch.Tensor | None:
+        """Prompt positions that the new expert's anchors also catch: there the expert must change nothing, which
+        teaches it to act on the whole edited question, not on its subject alone."""
+        if self.settings.preserve_weight == 0:
+            return None
+        routed = torch.zeros_like(batch.predicts)
+        for name, layer in self.tuner.lemoe_layers(self.adapter).items():
+            experts, _ = layer.route(self.adapter, layer.pooled_queries(self.adapter, *captured[name]))
+            routed |= (experts == expert).any(dim=-1)
+        return routed & batch.attention_mask.bool() & ~batch.predicts
 
     # ---------------------------------------------------------------------------------------------------- routing
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:

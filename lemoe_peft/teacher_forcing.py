@@ -73,10 +73,15 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
-    """Logits (n, vocab) at the positions that predict answer tokens (only those are projected when possible)."""
+def position_logits(model: nn.Module, batch: TeacherForcedBatch, positions: torch.Tensor) -> torch.Tensor:
+    """Logits (n, vocab) at ``positions`` (B, L) in row-major order; only those are projected when possible."""
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = batch.predicts  # a boolean mask: transformers projects only these positions
+        kwargs["logits_to_keep"] = positions  # a boolean mask: transformers projects only these positions
     logits = model(**kwargs).logits
-    return logits if logits.dim() == 2 else logits[batch.predicts]
+    return logits if logits.dim() == 2 else logits[positions]
+
+
+def answer_logits(model: nn.Module, batch: TeacherForcedBatch) -> torch.Tensor:
+    """Logits (n, vocab) at the positions that predict answer tokens."""
+    return position_logits(model, batch, batch.predicts)
