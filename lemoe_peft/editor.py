@@ -183,9 +183,7 @@ class LEMoEEditor:
             answer_logits(self.model, batch)
         keys = {name: self._queries(name, captured)[batch.predicts] for name in layers}
         self.tuner.add_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
-        parameters = [
-            p for layer in layers.values() for p in (layer.lemoe_A[self.adapter], layer.lemoe_B[self.adapter])
-        ]
+        parameters = self.trainable_tensors()
         objective = Objective(batch, self._preserved_positions(expert, batch, captured), self.settings.preserve_weight)
         steps, loss = fit(
             self.model,
@@ -209,6 +207,12 @@ class LEMoEEditor:
         }
         self.config.edit_log.append(record)
         return record
+
+    def trainable_tensors(self) -> list[torch.Tensor]:
+        """What a batch trains: the newest expert of every LEMoE layer (module insertion freezes the others)."""
+        return [
+            t for layer in self.tuner.lemoe_layers(self.adapter).values() for t in layer.newest_expert(self.adapter)
+        ]
 
     def _preserved_positions(self, expert: int, batch, captured: dict) -> torch.Tensor | None:
         """Prompt positions that the new expert's anchors also catch: there the expert must change nothing, which

@@ -126,6 +126,12 @@ class LEMoELayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        owners = self.lemoe_key_expert[adapter_name]
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        # some PEFT releases (0.18) also cast integer buffers to the base layer's dtype: expert indices stay int64
+        self.lemoe_key_expert[adapter_name] = owners.to(device=self.lemoe_keys[adapter_name].device)
+
     @staticmethod
     def _init_in(d_in: int, rank: int) -> torch.Tensor:
         weight = torch.empty(rank, d_in)
@@ -254,6 +260,9 @@ class LEMoELayer(BaseTunerLayer):
         if expert == self.num_experts(adapter_name) - 1:
             return self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
         return self.lemoe_frozen_A[adapter_name][expert], self.lemoe_frozen_B[adapter_name][expert]
+
+    def newest_expert(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
 
     def expert_output(self, adapter_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         """Output of one expert on inputs ``x`` (n, d_in)."""

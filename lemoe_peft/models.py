@@ -33,22 +33,30 @@ def resolve_model_path(name_or_path: str) -> Path | str:
     return smollm2_path() if name_or_path.lower() == "smollm2" else name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load a causal LM and its tokenizer from a folder, a ``.gguf`` file (dequantized), or ``smollm2``.
-
-    The tokenizer gets an explicit pad token (the eos token when it has none) and right padding.
-    """
+def _source(name_or_path: str) -> tuple[str, dict[str, str]]:
+    """Where ``from_pretrained`` should look, and the ``gguf_file`` argument for a ``.gguf`` file."""
     source = resolve_model_path(name_or_path)
-    kwargs = {}
     if str(source).endswith(".gguf"):
         path = Path(source)
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
+        return str(path.parent), {"gguf_file": path.name}
+    return str(source), {}
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model folder, ``.gguf`` file or ``smollm2``, with a pad token and right padding."""
+    source, kwargs = _source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load a causal LM (in eval mode) and its tokenizer from a folder, a ``.gguf`` file (dequantized), or
+    ``smollm2``."""
+    source, kwargs = _source(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if device is not None:
         model.to(device)
-    model.eval()
-    return model, tokenizer
+    return model.eval(), load_tokenizer(name_or_path)

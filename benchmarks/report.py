@@ -1,0 +1,100 @@
+"""Tables (Markdown) and a plot (PNG) from the JSON results of a benchmark folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LABELS = {"rewrite_acc": "Rel", "rephrase_acc": "Gen", "locality_acc": "Loc"}
+
+
+def _load(out: Path) -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {}
+    for path in sorted(out.glob("*/*.json")):
+        result = json.loads(path.read_text())
+        results.setdefault(result["protocol"]["dataset"], []).append(result)
+    return results
+
+
+def _table(rows: list[dict], key: str) -> list[str]:
+    lines = [
+        "| method | T | Rel | Gen | Loc | mean | s/edit | peak MB | adapter KB/edit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["protocol"]["T"], _order(r))):
+        metrics = r[key]
+        mean = sum(metrics.values()) / len(metrics)
+        lines.append(
+            f"| {r['protocol']['method']} | {r['protocol']['T']} | "
+            + " | ".join(f"{metrics.get(m, float('nan')):.3f}" for m in LABELS)
+            + f" | **{mean:.3f}** | {r['seconds_per_edit']:.2f} | {r['peak_memory_mb']:.0f} | "
+            f"{r['adapter_bytes_per_edit'] / 1024:.1f} |"
+        )
+    return lines
+
+
+def _order(result: dict) -> int:
+    from .methods import METHODS
+
+    return list(METHODS).index(result["protocol"]["method"])
+
+
+def _plot(dataset: str, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    methods = sorted({r["protocol"]["method"] for r in rows}, key=lambda m: _order({"protocol": {"method": m}}))
+    for axis, (metric, label) in zip(axes, LABELS.items(), strict=True):
+        for method in methods:
+            points = sorted(
+                (r["protocol"]["T"], r["after_stream"][metric]) for r in rows if r["protocol"]["method"] == method
+            )
+            style = {"linewidth": 2.5} if method == "LEMoE" else {"linewidth": 1.2, "alpha": 0.8}
+            axis.plot(*zip(*points, strict=True), marker="o", label=method, **style)
+        axis.set_xscale("log")
+        axis.set_title(f"{label} ({metric})")
+        axis.set_xlabel("stream length T")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("after the whole stream")
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[-1].legend(fontsize=8, loc="lower left")
+    figure.suptitle(f"Lifelong editing on {dataset}, SmolLM2-135M-Instruct")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(out: Path) -> None:
+    lines = []
+    for dataset, rows in _load(out).items():
+        protocol = rows[0]["protocol"]
+        lines += [
+            f"### {dataset}: {protocol['data'].split(',')[0]}",
+            "",
+            "After the whole stream of T edits (the lifelong protocol):",
+            "",
+            *_table(rows, "after_stream"),
+            "",
+            "Right after each edit's own batch (hides forgetting; for comparison only):",
+            "",
+            *_table(rows, "after_each_batch"),
+            "",
+        ]
+        _plot(dataset, rows, out / f"{dataset}.png")
+    latency_path = out / "latency.json"
+    if latency_path.exists():
+        lines += [
+            "### Inference latency (32-token forward, batch 1)",
+            "",
+            "| experts | anchors | input | base ms | LEMoE ms | ratio |",
+            "|---:|---:|---|---:|---:|---:|",
+        ]
+        for row in json.loads(latency_path.read_text()):
+            lines.append(
+                f"| {row['experts']} | {row['anchors']} | {row['input']} | {row['base_ms']:.1f} | "
+                f"{row['lemoe_ms']:.1f} | {row['ratio']:.3f} |"
+            )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
