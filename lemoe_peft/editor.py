@@ -134,10 +134,12 @@ class LEMoEEditor:
         if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
             self._resume(checkpoint_dir)
         done = edited_fingerprints(self.config.edit_log)
-        self._ensure_calibrated()
-        # Plan over every request, done or not, so that a resumed stream cuts the same batches as an uninterrupted one.
-        batches = [[r for r in batch if fingerprint(r) not in done] for batch in self.plan(requests)]
-        batches = [batch for batch in batches if batch]
+        batches: list[list[EditRequest]] = []
+        if any(fingerprint(r) not in done for r in requests):
+            self._ensure_calibrated()
+            # Plan every request, done or not, so that a resumed stream cuts the batches an uninterrupted one did.
+            batches = [[r for r in batch if fingerprint(r) not in done] for batch in self.plan(requests)]
+            batches = [batch for batch in batches if batch]
         skipped = len(requests) - sum(map(len, batches))
         if skipped:
             logger.info("Skipping %d requests that the adapter already holds.", skipped)
@@ -196,6 +198,8 @@ class LEMoEEditor:
         )
         for parameter in parameters:
             parameter.requires_grad_(False)
+        if len(layers) > 1:
+            self._refresh_upper_anchors(expert, batch)
         record = {
             "expert": expert,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -207,6 +211,16 @@ class LEMoEEditor:
         }
         self.config.edit_log.append(record)
         return record
+
+    @torch.no_grad()
+    def _refresh_upper_anchors(self, expert: int, batch) -> None:
+        """With several LEMoE layers, the trained expert of a lower layer changes what the upper layers see: take
+        their anchors again from the edited model, so that inference routes the batch as training intended."""
+        with self.tuner.capture_layer_inputs() as captured:
+            answer_logits(self.model, batch)
+        upper = list(self.tuner.lemoe_layers(self.adapter))[1:]
+        keys = {name: self._queries(name, captured)[batch.predicts] for name in upper}
+        self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         """What a batch trains: the newest expert of every LEMoE layer (module insertion freezes the others)."""

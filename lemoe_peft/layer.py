@@ -198,6 +198,13 @@ class LEMoELayer(BaseTunerLayer):
         threshold = threshold.to(old).expand(keys.shape[0])
         self.lemoe_key_threshold[adapter_name] = torch.cat([self.lemoe_key_threshold[adapter_name], threshold])
 
+    def replace_anchors(self, adapter_name: str, expert: int, keys: torch.Tensor, threshold: torch.Tensor) -> None:
+        """Swap ``expert``'s anchor keys for ``keys`` (same meaning as in :meth:`add_anchors`)."""
+        kept = self.lemoe_key_expert[adapter_name] != expert
+        for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold):
+            store[adapter_name] = store[adapter_name][kept]
+        self.add_anchors(adapter_name, expert, keys, threshold)
+
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
         """Set the routing whitening from pooled queries (n, d_in) of generic text. Anchors must not exist yet."""
         if self.num_anchors(adapter_name) > 0:

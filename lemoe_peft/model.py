@@ -133,10 +133,29 @@ class LEMoEModel(BaseTuner):
         if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
             raise ValueError(f"Give the same number of anchor keys for exactly these layers: {sorted(layers)}.")
         config = self.peft_config[name]
-        threshold = torch.as_tensor(config.route_threshold if threshold is None else threshold, dtype=torch.float32)
         for layer_name, layer in layers.items():
-            layer.add_anchors(name, expert, keys[layer_name], threshold)
+            layer.add_anchors(name, expert, keys[layer_name], self._threshold(config, threshold))
         config.num_anchors += next(iter(keys.values())).shape[0]
+
+    def replace_anchors(
+        self,
+        expert: int,
+        keys: dict[str, torch.Tensor],
+        threshold: float | torch.Tensor | None = None,
+        adapter_name: str | None = None,
+    ) -> None:
+        """Swap the anchor keys of ``expert`` in the layers named in ``keys`` for new ones, as many as before."""
+        name = self._adapter(adapter_name)
+        layers = self.lemoe_layers(name)
+        for layer_name, new_keys in keys.items():
+            layer = layers[layer_name]
+            if int((layer.lemoe_key_expert[name] == expert).sum()) != new_keys.shape[0]:
+                raise ValueError(f"Expert {expert} has a different number of anchors in {layer_name}.")
+            layer.replace_anchors(name, expert, new_keys, self._threshold(self.peft_config[name], threshold))
+
+    @staticmethod
+    def _threshold(config: LEMoEConfig, threshold: float | torch.Tensor | None) -> torch.Tensor:
+        return torch.as_tensor(config.route_threshold if threshold is None else threshold, dtype=torch.float32)
 
     def calibrate_routing(self, samples: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
         """Set each layer's routing whitening from pooled queries of generic text (layer name -> (n, d))."""

@@ -190,6 +190,18 @@ def test_editing_continues_after_from_pretrained(tmp_path):
     assert evaluate_edits(reloaded, tiny_tokenizer(), REQUESTS)["rewrite_acc"] == 1.0
 
 
+def test_several_lemoe_layers_edit_together():
+    model = get_peft_model(
+        tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", target_modules=["down_proj"], layers_to_transform=[1, 3])
+    )
+    edit(model, REQUESTS[:3], progress=False)
+    layers = model.base_model.lemoe_layers()
+    assert len(layers) == 2 and all(
+        layer.num_anchors("default") == model.peft_config["default"].num_anchors for layer in layers.values()
+    )
+    assert evaluate_edits(model, tiny_tokenizer(), REQUESTS[:3])["rewrite_acc"] == 1.0
+
+
 def test_bad_settings_and_models_are_refused():
     with pytest.raises(ValueError, match="batch_size"):
         EditorSettings(batch_size=0)

@@ -108,3 +108,26 @@ def test_checkpoint_mismatch_is_refused_by_the_tuner_for_files_loaded_elsewhere(
 
     with pytest.raises((ValueError, RuntimeError), match="does not match|size mismatch"):
         set_peft_model_state_dict(model, state)
+
+
+def test_low_cpu_mem_usage_loading_is_exact(saved):
+    model = PeftModel.from_pretrained(tiny_model(), saved / "adapter", low_cpu_mem_usage=True)
+    expected = load_file(saved / "expected.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(expected["inputs"]).logits, expected["logits"])
+
+
+def test_bfloat16_base_model_round_trip(tmp_path):
+    model = get_peft_model(tiny_model().to(torch.bfloat16), LEMoEConfig(task_type="CAUSAL_LM"))
+    give_expert(model, INPUTS, scale=2.0)
+    layer = next(iter(model.base_model.lemoe_layers().values()))
+    assert layer.lemoe_A["default"].dtype == torch.float32, "PEFT keeps adapter weights in float32"
+    with torch.no_grad():
+        edited = model(INPUTS).logits
+        assert edited.dtype == torch.bfloat16
+        with model.disable_adapter():
+            assert not torch.equal(model(INPUTS).logits, edited)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model().to(torch.bfloat16), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(INPUTS).logits, edited)
