@@ -87,7 +87,7 @@ class LoRA(Method):
     """A PEFT LoRA adapter (rank 16) on the same projection, trained on every batch in turn."""
 
     name = "LoRA"
-    learning_rate = 1e-2
+    learning_rate = 1e-3
 
     def __init__(self, base, tokenizer, settings) -> None:
         super().__init__(base, tokenizer, settings)
@@ -170,6 +170,7 @@ class LEMoELearnedRouter(Method):
     softmax router (a trainable key per expert on the causal-mean query) instead of anchors, and no fall-through."""
 
     name = "LEMoE w/o KV routing"
+    learning_rate = 1e-2
 
     def __init__(self, base, tokenizer, settings) -> None:
         super().__init__(base, tokenizer, settings)
