@@ -102,7 +102,7 @@ def _edit(args: argparse.Namespace) -> None:
         "data": f"{args.data} (first {len(requests)})",
         **{key: value for key, value in vars(editor.settings).items()},
     }
-    results = evaluate_edits(model, tokenizer, requests, protocol=protocol)
+    results = evaluate_edits(model, tokenizer, requests, protocol=protocol, progress=True)
     _print_table(f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream", results, extra)
     _write_json(args.json, results)
 
@@ -116,7 +116,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     base, tokenizer = load_model_and_tokenizer(args.model)
     model = PeftModel.from_pretrained(base, str(args.adapter))
     protocol = {"model": args.model, "adapter": str(args.adapter), "data": f"{args.data} (first {len(requests)})"}
-    results = evaluate_edits(model, tokenizer, requests, protocol=protocol)
+    results = evaluate_edits(model, tokenizer, requests, protocol=protocol, progress=True)
     _print_table(f"{args.adapter} on {args.model}: {len(requests)} requests", results, {})
     _write_json(args.json, results)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .requests import EditRequest
 from .teacher_forcing import answer_logits, encode
@@ -29,12 +30,14 @@ METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc")
 
 @torch.no_grad()
 def predicted_tokens(
-    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32
+    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, progress: str | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each (prompt, answer): the model's argmax tokens at the answer positions and the answer tokens."""
+    """For each (prompt, answer): the model's argmax tokens at the answer positions and the answer tokens.
+    ``progress`` names a progress bar (none when None)."""
     device = next(model.parameters()).device
     results = []
-    for start in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or not starts, leave=False):
         batch = encode(tokenizer, pairs[start : start + batch_size]).to(device)
         predictions = answer_logits(model, batch).argmax(dim=-1).cpu()
         results += zip(
@@ -71,6 +74,7 @@ def evaluate_edits(
     reference: Sequence[torch.Tensor] | None = None,
     protocol: Mapping[str, Any] | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``requests`` on ``model``: per-case records, the mean of each metric, and the protocol.
 
@@ -82,13 +86,16 @@ def evaluate_edits(
         with _adapters_disabled(model):
             reference = locality_reference(model, tokenizer, requests)
 
-    def accuracies(pairs: list[tuple[str, str]]) -> list[float]:
-        return [(p == a).float().mean().item() for p, a in predicted_tokens(model, tokenizer, pairs, batch_size)]
+    def predict(pairs: list[tuple[str, str]], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return predicted_tokens(model, tokenizer, pairs, batch_size, f"scoring {name}" if progress else None)
 
-    rewrite = accuracies([(r.prompt, r.target_new) for r in requests])
-    rephrase = iter(accuracies([(p, r.target_new) for r in requests for p in r.rephrase_prompts]))
-    portability = iter(accuracies([(p.prompt, p.answer) for r in requests for p in r.portability]))
-    edited_locality = iter(predicted_tokens(model, tokenizer, _locality_pairs(requests), batch_size))
+    def accuracies(pairs: list[tuple[str, str]], name: str) -> list[float]:
+        return [(p == a).float().mean().item() for p, a in predict(pairs, name)]
+
+    rewrite = accuracies([(r.prompt, r.target_new) for r in requests], "reliability")
+    rephrase = iter(accuracies([(p, r.target_new) for r in requests for p in r.rephrase_prompts], "generality"))
+    portability = iter(accuracies([(p.prompt, p.answer) for r in requests for p in r.portability], "portability"))
+    edited_locality = iter(predict(_locality_pairs(requests), "locality"))
     base_locality = iter(reference or [])
 
     cases = []
