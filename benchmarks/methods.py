@@ -128,7 +128,7 @@ class LEMoE(Method):
         self.model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
         options = {k: v for k, v in self.settings.items() if k in EDITOR_FIELDS}
         self.editor = self.editor_class(self.model, tokenizer, **{**options, **overrides})
-        self.editor._ensure_calibrated()
+        self.editor.ensure_calibrated()
 
     editor_class = LEMoEEditor
 

@@ -136,7 +136,7 @@ class LEMoEEditor:
         done = edited_fingerprints(self.config.edit_log)
         batches: list[list[EditRequest]] = []
         if any(fingerprint(r) not in done for r in requests):
-            self._ensure_calibrated()
+            self.ensure_calibrated()
             # Plan every request, done or not, so that a resumed stream cuts the batches an uninterrupted one did.
             batches = [[r for r in batch if fingerprint(r) not in done] for batch in self.plan(requests)]
             batches = [batch for batch in batches if batch]
@@ -259,7 +259,7 @@ class LEMoEEditor:
             chunks.append((captured, tokens.attention_mask.bool()))
         return chunks
 
-    def _ensure_calibrated(self) -> None:
+    def ensure_calibrated(self) -> None:
         """Fit the routing whitening on generic text once, before the adapter's first anchor exists."""
         if self.config.route_calibration_size > 0 or self.config.num_anchors > 0:
             return

@@ -101,22 +101,20 @@ class LEMoELayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LEMoEConfig, **kwargs: Any) -> None:
         """Create the adapter's tensors with the shapes recorded in ``config`` (values come from training or a load)."""
         d_in, d_out, rank = self.in_features, self.out_features, config.expert_rank
-        n_frozen = max(config.num_experts - 1, 0)
         whiten_rank = min(config.route_whiten_rank, d_in)
         self.lemoe_settings[adapter_name] = RouteSettings.from_config(config)
+        experts = [self._new_expert(rank, config.init_weights) for _ in range(config.num_experts)]
+        frozen = experts[:-1]
         self.lemoe_frozen_A[adapter_name] = (
-            torch.stack([self._init_in(d_in, rank) for _ in range(n_frozen)])
-            if n_frozen
-            else torch.zeros(0, d_in, rank)
+            torch.stack([a for a, _ in frozen]) if frozen else torch.zeros(0, d_in, rank)
         )
         self.lemoe_frozen_B[adapter_name] = (
-            torch.stack([self._init_out(rank, d_out, config.init_weights) for _ in range(n_frozen)])
-            if n_frozen
-            else torch.zeros(0, rank, d_out)
+            torch.stack([b for _, b in frozen]) if frozen else torch.zeros(0, rank, d_out)
         )
-        if config.num_experts > 0:
-            self.lemoe_A[adapter_name] = nn.Parameter(self._init_in(d_in, rank))
-            self.lemoe_B[adapter_name] = nn.Parameter(self._init_out(rank, d_out, config.init_weights))
+        if adapter_name in self.lemoe_A:  # a rebuild (restoring a checkpoint) replaces the newest expert
+            del self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
+        if experts:
+            self.lemoe_A[adapter_name], self.lemoe_B[adapter_name] = map(nn.Parameter, experts[-1])
         self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_in)
         self.lemoe_key_expert[adapter_name] = torch.zeros(config.num_anchors, dtype=torch.long)
         self.lemoe_key_threshold[adapter_name] = torch.full((config.num_anchors,), float(config.route_threshold))
@@ -132,16 +130,15 @@ class LEMoELayer(BaseTunerLayer):
         # some PEFT releases (0.18) also cast integer buffers to the base layer's dtype: expert indices stay int64
         self.lemoe_key_expert[adapter_name] = owners.to(device=self.lemoe_keys[adapter_name].device)
 
-    @staticmethod
-    def _init_in(d_in: int, rank: int) -> torch.Tensor:
-        weight = torch.empty(rank, d_in)
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # as LoRA's A
-        return weight.T.contiguous()
-
-    @staticmethod
-    def _init_out(rank: int, d_out: int, zero: bool) -> torch.Tensor:
-        # zero: a new expert starts with no effect; otherwise small random values (tests of non-trivial experts)
-        return torch.zeros(rank, d_out) if zero else torch.randn(rank, d_out) * 0.02
+    def _new_expert(self, rank: int, zero_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights (d_in, r) and (r, d_out) of a fresh expert: the input side as LoRA's A; the output side zero (the
+        expert starts with no effect) or, for tests of non-trivial experts, small random values."""
+        weight_in = torch.empty(rank, self.in_features)
+        nn.init.kaiming_uniform_(weight_in, a=math.sqrt(5))
+        weight_out = (
+            torch.zeros(rank, self.out_features) if zero_output else torch.randn(rank, self.out_features) * 0.02
+        )
+        return weight_in.T.contiguous(), weight_out
 
     # ------------------------------------------------------------------------------------------------- inspection
     def num_experts(self, adapter_name: str) -> int:
@@ -158,9 +155,9 @@ class LEMoELayer(BaseTunerLayer):
             self.lemoe_frozen_A[adapter_name] = torch.cat([frozen_a, self.lemoe_A[adapter_name].detach()[None]])
             self.lemoe_frozen_B[adapter_name] = torch.cat([frozen_b, self.lemoe_B[adapter_name].detach()[None]])
         like = self.lemoe_frozen_A[adapter_name]
-        rank, d_out = frozen_b.shape[1], frozen_b.shape[2]
-        self.lemoe_A[adapter_name] = nn.Parameter(self._init_in(self.in_features, rank).to(like))
-        self.lemoe_B[adapter_name] = nn.Parameter(self._init_out(rank, d_out, init_weights).to(like))
+        weight_in, weight_out = self._new_expert(frozen_a.shape[2], init_weights)
+        self.lemoe_A[adapter_name] = nn.Parameter(weight_in.to(like))
+        self.lemoe_B[adapter_name] = nn.Parameter(weight_out.to(like))
         return self.num_experts(adapter_name) - 1
 
     def remove_expert(self, adapter_name: str, expert: int) -> int:

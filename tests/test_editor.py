@@ -102,7 +102,7 @@ def test_inspect_names_the_expert_holding_a_fact(edited):
 def test_order_planning_is_deterministic_and_switchable():
     model = new_model()
     editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS)
-    editor._ensure_calibrated()
+    editor.ensure_calibrated()
     planned = [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
     assert planned == [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
     assert sorted(p for batch in planned for p in batch) == sorted(r.prompt for r in REQUESTS)
