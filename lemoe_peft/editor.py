@@ -106,7 +106,7 @@ class LEMoEEditor:
         self.model = model
         self.tokenizer = tokenizer
         self.tuner: LEMoEModel = model.base_model
-        self.adapter = self.tuner._adapter(adapter_name)
+        self.adapter = self.tuner.resolve_adapter(adapter_name)
         self.settings = EditorSettings(**settings)
         self.calibration = list(calibration) if calibration is not None else calibration_texts()
         self.device = next(model.parameters()).device

@@ -37,7 +37,7 @@ def which_expert(model, tokenizer, prompt: str, adapter_name: str | None = None)
     """Route ``prompt`` and report, per LEMoE layer, the expert chosen at its last token with the best anchor score,
     plus the logged edit that holds this exact prompt, if any."""
     tuner = model.base_model
-    name = tuner._adapter(adapter_name)
+    name = tuner.resolve_adapter(adapter_name)
     tokens = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with tuner.capture_layer_inputs() as captured, model.disable_adapter():
         model(**tokens, use_cache=False)

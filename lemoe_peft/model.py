@@ -76,7 +76,8 @@ class LEMoEModel(BaseTuner):
         return model
 
     # ---------------------------------------------------------------------------------------------------- layers
-    def _adapter(self, adapter_name: str | None) -> str:
+    def resolve_adapter(self, adapter_name: str | None) -> str:
+        """``adapter_name``, or the first active adapter when None; an unknown name is refused."""
         name = adapter_name or self.active_adapters[0]
         if name not in self.peft_config:
             raise ValueError(f"No LEMoE adapter named '{name}'; adapters: {list(self.peft_config)}.")
@@ -84,7 +85,7 @@ class LEMoEModel(BaseTuner):
 
     def lemoe_layers(self, adapter_name: str | None = None) -> dict[str, LEMoELayer]:
         """The adapter's LEMoE layers by module name, in model order."""
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         return {
             key: module
             for key, module in self.model.named_modules()
@@ -92,7 +93,7 @@ class LEMoEModel(BaseTuner):
         }
 
     def num_experts(self, adapter_name: str | None = None) -> int:
-        return self.peft_config[self._adapter(adapter_name)].num_experts
+        return self.peft_config[self.resolve_adapter(adapter_name)].num_experts
 
     # ----------------------------------------------------------------------------------------------- the method
     def add_expert(self, adapter_name: str | None = None) -> int:
@@ -100,7 +101,7 @@ class LEMoEModel(BaseTuner):
 
         The new expert has no anchor keys yet, so nothing is routed to it until :meth:`add_anchors` gives it some.
         """
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         config = self.peft_config[name]
         indices = {layer.add_expert(name, config.init_weights) for layer in self.lemoe_layers(name).values()}
         config.num_experts += 1
@@ -109,7 +110,7 @@ class LEMoEModel(BaseTuner):
 
     def remove_expert(self, expert: int, adapter_name: str | None = None) -> None:
         """Undo one batch of edits: delete expert ``expert`` and its anchors; later experts shift down by one."""
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         removed = {layer.remove_expert(name, expert) for layer in self.lemoe_layers(name).values()}
         config = self.peft_config[name]
         config.num_experts -= 1
@@ -128,7 +129,7 @@ class LEMoEModel(BaseTuner):
     ) -> None:
         """Give ``expert`` anchor keys: ``keys`` maps each LEMoE layer name to (n, d) vectors in query space (see
         :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys."""
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
             raise ValueError(f"Give the same number of anchor keys for exactly these layers: {sorted(layers)}.")
@@ -145,7 +146,7 @@ class LEMoEModel(BaseTuner):
         adapter_name: str | None = None,
     ) -> None:
         """Swap the anchor keys of ``expert`` in the layers named in ``keys`` for new ones, as many as before."""
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         for layer_name, new_keys in keys.items():
             layer = layers[layer_name]
@@ -159,7 +160,7 @@ class LEMoEModel(BaseTuner):
 
     def calibrate_routing(self, samples: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
         """Set each layer's routing whitening from pooled queries of generic text (layer name -> (n, d))."""
-        name = self._adapter(adapter_name)
+        name = self.resolve_adapter(adapter_name)
         for layer_name, layer in self.lemoe_layers(name).items():
             layer.calibrate(name, samples[layer_name])
         self.peft_config[name].route_calibration_size = min(s.shape[0] for s in samples.values())
