@@ -22,12 +22,20 @@ def fingerprint(request: EditRequest) -> str:
     return hashlib.sha256(payload).hexdigest()[:20]
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` always uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, _new_file_mode())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(data, file, indent=1, ensure_ascii=False)
             file.flush()
