@@ -13,7 +13,7 @@ from typing import Any
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-# tensor name -> (dimension, what it must equal) for each LEMoE tensor whose leading size the config records
+# tensor name -> the leading size the config records for it
 _RECORDED_SIZES = {
     "lemoe_frozen_A": lambda c: max(c.num_experts - 1, 0),
     "lemoe_frozen_B": lambda c: max(c.num_experts - 1, 0),
@@ -37,7 +37,17 @@ def read_header(path: Path) -> dict[str, Any]:
             header = json.loads(file.read(header_length))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is corrupt: its header is not valid JSON ({error}).") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupt: its header is not a table of tensors.")
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    for name, info in tensors.items():
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("shape"), list)
+            and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2
+        ):
+            raise ValueError(f"{path} is corrupt: the entry of tensor {name!r} lacks a shape or data offsets.")
     end = max((info["data_offsets"][1] for info in tensors.values()), default=0)
     if 8 + header_length + end > size:
         raise ValueError(f"{path} is truncated: {size} bytes, but its tensors need {8 + header_length + end}.")
@@ -56,8 +66,9 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
         problems.append(f"the file {'has' if has_newest else 'lacks'} a newest expert")
     for name, info in tensors.items():
         field = name.rsplit(".", 1)[-1]
-        if field in _RECORDED_SIZES and info["shape"][0] != _RECORDED_SIZES[field](config):
-            problems.append(f"{name} has {info['shape'][0]} rows, expected {_RECORDED_SIZES[field](config)}")
+        rows = info["shape"][0] if info["shape"] else None
+        if field in _RECORDED_SIZES and rows != _RECORDED_SIZES[field](config):
+            problems.append(f"{name} has {rows} rows, expected {_RECORDED_SIZES[field](config)}")
     if problems:
         raise ValueError(
             f"{path} does not match its adapter_config.json (num_experts={config.num_experts}, "

@@ -57,6 +57,14 @@ def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
         raise ValueError(f"{source} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or data.get("format") != EDIT_LOG_FORMAT or not isinstance(data.get("batches"), list):
         raise ValueError(f"{source} is not a LEMoE edit log (expected format '{EDIT_LOG_FORMAT}').")
+    for index, batch in enumerate(data["batches"]):
+        if not (
+            isinstance(batch, dict)
+            and isinstance(batch.get("expert"), int)
+            and isinstance(batch.get("requests"), list)
+            and all(isinstance(r, dict) and isinstance(r.get("fingerprint"), str) for r in batch["requests"])
+        ):
+            raise ValueError(f"{source}: batch {index} needs an 'expert' index and 'requests' with fingerprints.")
     return data["batches"]
 
 

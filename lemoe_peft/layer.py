@@ -65,17 +65,23 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     )
 
 
+# the buffers that decide routing; they keep their dtype when the base model is in half precision
+ROUTING_STATE = (
+    "lemoe_keys",
+    "lemoe_key_expert",
+    "lemoe_key_threshold",
+    "lemoe_route_mean",
+    "lemoe_route_basis",
+    "lemoe_route_scale",
+)
+
+
 class LEMoELayer(BaseTunerLayer):
     adapter_layer_names = ("lemoe_A", "lemoe_B")
     other_param_names = (
         "lemoe_frozen_A",
         "lemoe_frozen_B",
-        "lemoe_keys",
-        "lemoe_key_expert",
-        "lemoe_key_threshold",
-        "lemoe_route_mean",
-        "lemoe_route_basis",
-        "lemoe_route_scale",
+        *ROUTING_STATE,
         "lemoe_settings",
     )
 
@@ -125,10 +131,12 @@ class LEMoELayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        owners = self.lemoe_key_expert[adapter_name]
+        # PEFT casts float buffers to a half-precision base's dtype (0.18 even integer ones): the routing state keeps
+        # its own dtype (float32 keys and whitening, int64 owners) and only follows the device
+        routing = {store: getattr(self, store)[adapter_name] for store in ROUTING_STATE}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        # some PEFT releases (0.18) also cast integer buffers to the base layer's dtype: expert indices stay int64
-        self.lemoe_key_expert[adapter_name] = owners.to(device=self.lemoe_keys[adapter_name].device)
+        for store, tensor in routing.items():
+            getattr(self, store)[adapter_name] = tensor.to(device=getattr(self, store)[adapter_name].device)
 
     def _new_expert(self, rank: int, zero_output: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights (d_in, r) and (r, d_out) of a fresh expert: the input side as LoRA's A; the output side zero (the

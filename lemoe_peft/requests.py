@@ -56,7 +56,9 @@ class EditRequest:
             raise RequestError("field 'rephrase_prompts' must hold non-empty strings")
         for name in ("locality", "portability"):
             for probe in getattr(self, name):
-                if not isinstance(probe, Probe) or not probe.prompt.strip() or not probe.answer.strip():
+                if not isinstance(probe, Probe) or not all(
+                    isinstance(t, str) and t.strip() for t in vars(probe).values()
+                ):
                     raise RequestError(f"field '{name}' must hold probes with a non-empty prompt and answer")
 
     @classmethod

@@ -40,3 +40,5 @@ def test_a_file_that_is_not_an_edit_log_is_refused():
         parse_edit_log("{", "x.json")
     with pytest.raises(ValueError, match="not a LEMoE edit log"):
         parse_edit_log('{"batches": []}', "x.json")
+    with pytest.raises(ValueError, match="batch 0 needs"):
+        parse_edit_log('{"format": "lemoe-edit-log/1", "batches": [{"expert": 0, "requests": [{}]}]}', "x.json")

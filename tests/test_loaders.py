@@ -192,6 +192,7 @@ def test_requests_round_trip_through_their_dict():
             r"needs the '\{\}'",
         ),
         ([{**EASYEDIT, "subject": 5}], r"field 'subject' must be a string"),
+        ([{**ZSRE, "loc_ans": 7}], r"record 0.*'locality' must hold probes with a non-empty prompt and answer"),
         ([EASYEDIT, "not a record"], r"record 1.*must be JSON objects"),
         ([{"question": "q", "answer": "a"}], r"record 0: unknown record format"),
     ],

@@ -2,6 +2,7 @@
 bit-for-bit in a fresh process under any adapter name, and damaged or mismatched files are refused loudly."""
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
@@ -89,6 +90,14 @@ def test_truncated_weights_are_refused(saved):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+@pytest.mark.parametrize("header", [b"[]", b'{"x": {"dtype": "F32"}}', b'{"x": 1}'])
+def test_a_corrupt_header_is_refused_with_a_clear_message(saved, header):
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match="is corrupt"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
 def test_config_disagreeing_with_the_tensors_is_refused(saved):
     config_path = saved / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -122,6 +131,8 @@ def test_bfloat16_base_model_round_trip(tmp_path):
     give_expert(model, INPUTS, scale=2.0)
     layer = next(iter(model.base_model.lemoe_layers().values()))
     assert layer.lemoe_A["default"].dtype == torch.float32, "PEFT keeps adapter weights in float32"
+    assert layer.lemoe_keys["default"].dtype == torch.float32, "routing state stays in float32"
+    assert layer.lemoe_route_basis["default"].dtype == torch.float32
     with torch.no_grad():
         edited = model(INPUTS).logits
         assert edited.dtype == torch.bfloat16
