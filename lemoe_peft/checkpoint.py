@@ -22,6 +22,15 @@ from .config import LEMoEConfig
 logger = logging.getLogger(__name__)
 
 _SHAPE_FIELDS = ("num_experts", "num_anchors", "route_calibration_size")
+# config fields that save_pretrained fills in or that describe the run, not the adapter's architecture
+_NOT_ARCHITECTURE = (
+    "edit_log",
+    "inference_mode",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "auto_mapping",
+)
 
 
 def _recover(directory: Path) -> None:
@@ -66,8 +75,7 @@ def restore_checkpoint(model, directory: str | os.PathLike, adapter_name: str) -
     differences = [
         name
         for name, value in vars(saved).items()
-        if name not in (*_SHAPE_FIELDS, "edit_log", "inference_mode", "peft_version", "base_model_name_or_path")
-        and getattr(current, name, None) != value
+        if name not in (*_SHAPE_FIELDS, *_NOT_ARCHITECTURE) and getattr(current, name, None) != value
     ]
     if differences:
         raise ValueError(

@@ -52,7 +52,6 @@ class EditorSettings:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.early_stop_loss >= 0, "early_stop_loss must be >= 0"),
             (self.preserve_weight >= 0, "preserve_weight must be >= 0"),
-            (self.anchor_threshold is None or -1 <= self.anchor_threshold <= 1, "anchor_threshold must lie in [-1, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -107,8 +106,18 @@ class LEMoEEditor:
         self.tokenizer = tokenizer
         self.tuner: LEMoEModel = model.base_model
         self.adapter = self.tuner.resolve_adapter(adapter_name)
+        if self.adapter not in self.tuner.active_adapters:
+            raise ValueError(
+                f"Adapter '{self.adapter}' is not active, so it would not route: "
+                f"call model.set_adapter('{self.adapter}') before editing it."
+            )
         self.settings = EditorSettings(**settings)
+        threshold = self.settings.anchor_threshold
+        if threshold is not None and self.config.route_similarity == "cosine" and not -1 <= threshold <= 1:
+            raise ValueError(f"Invalid editor setting: a cosine anchor_threshold must lie in [-1, 1], got {threshold}.")
         self.calibration = list(calibration) if calibration is not None else calibration_texts()
+        if not self.calibration:
+            raise ValueError("`calibration` needs at least one generic sentence (None: the built-in ones).")
         self.device = next(model.parameters()).device
 
     @property
@@ -153,14 +162,14 @@ class LEMoEEditor:
     def _resume(self, checkpoint_dir: str) -> None:
         saved_log = LEMoEConfig.from_pretrained(checkpoint_dir).edit_log
         current_log = self.config.edit_log
-        if len(saved_log) <= len(current_log):
-            return
-        if [b["requests"] for b in saved_log[: len(current_log)]] != [b["requests"] for b in current_log]:
+        common = min(len(saved_log), len(current_log))
+        if [b["requests"] for b in saved_log[:common]] != [b["requests"] for b in current_log[:common]]:
             raise ValueError(
-                f"The checkpoint in {checkpoint_dir} holds a different edit history than this model; "
-                "load it with PeftModel.from_pretrained or choose another checkpoint folder."
+                f"The checkpoint in {checkpoint_dir} holds a different edit history than this model, and saving "
+                "would overwrite it; load it with PeftModel.from_pretrained or choose another checkpoint folder."
             )
-        restore_checkpoint(self.model, checkpoint_dir, self.adapter)
+        if len(saved_log) > len(current_log):
+            restore_checkpoint(self.model, checkpoint_dir, self.adapter)
 
     def plan(self, requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
         """Cut ``requests`` into batches: by cluster of their routing queries when order planning is on."""

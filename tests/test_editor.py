@@ -177,6 +177,24 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert PeftModel.from_pretrained(tiny_model(), tmp_path / "ckpt").peft_config["default"].num_experts == 1
 
 
+def test_a_checkpoint_folder_with_another_history_is_never_overwritten(tmp_path):
+    edit(new_model(), REQUESTS[:3], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    before = (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes()
+    other = new_model()
+    edit(other, REQUESTS[3:6], progress=False)
+    with pytest.raises(ValueError, match="different edit history"):
+        edit(other, REQUESTS[6:], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_stream_without_task_type_resumes(tmp_path):
+    model = get_peft_model(tiny_model(), LEMoEConfig())
+    edit(model, REQUESTS[:3], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    resumed = get_peft_model(tiny_model(), LEMoEConfig())
+    report = edit(resumed, REQUESTS[:6], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
+    assert report.skipped == 3 and resumed.peft_config["default"].num_experts == 2
+
+
 def test_editing_continues_after_from_pretrained(tmp_path):
     model = new_model()
     edit(model, REQUESTS[:5], progress=False)
@@ -205,8 +223,16 @@ def test_several_lemoe_layers_edit_together():
 def test_bad_settings_and_models_are_refused():
     with pytest.raises(ValueError, match="batch_size"):
         EditorSettings(batch_size=0)
-    with pytest.raises(ValueError, match="anchor_threshold"):
-        EditorSettings(anchor_threshold=2.0)
+    with pytest.raises(ValueError, match="anchor_threshold must lie in"):
+        LEMoEEditor(new_model(), tiny_tokenizer(), anchor_threshold=2.0)
+    dot = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_similarity="dot"))
+    assert LEMoEEditor(dot, tiny_tokenizer(), anchor_threshold=2.0).settings.anchor_threshold == 2.0
+    with pytest.raises(ValueError, match="at least one generic sentence"):
+        LEMoEEditor(new_model(), tiny_tokenizer(), calibration=[])
+    model = new_model()
+    model.add_adapter("other", LEMoEConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="not active.*set_adapter\\('other'\\)"):
+        LEMoEEditor(model, tiny_tokenizer(), adapter_name="other")
     with pytest.raises(TypeError, match="LEMoE adapter"):
         LEMoEEditor(tiny_model(), tiny_tokenizer())
     with pytest.raises(ValueError, match="checkpoint_every"):
