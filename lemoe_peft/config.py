@@ -43,7 +43,7 @@ EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
 
 def default_layer_index(model_config: dict, depth: float) -> int:
-    """The index of the layer at relative ``depth`` (0 = first, 1 = last) of a transformers model config."""
+    """The index of the layer at relative ``depth`` (in (0, 1], 1 = last) of a transformers model config."""
     for key in _NUM_LAYERS_KEYS:
         if isinstance(model_config.get(key), int):
             num_layers = model_config[key]

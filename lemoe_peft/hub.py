@@ -10,10 +10,17 @@ from typing import Any
 CARD_START, CARD_END = "<!-- lemoe:start -->", "<!-- lemoe:end -->"
 
 
+def target_module_names(target_modules: str | list[str] | set[str] | None) -> list[str]:
+    """``target_modules`` for display: a regular expression stays whole, names are sorted."""
+    if isinstance(target_modules, str):
+        return [target_modules]
+    return sorted(target_modules or [])
+
+
 def card_section(config: Any) -> str:
     """A model-card section saying what the adapter is: base model, where it sits, experts and edits."""
     edits = sum(len(batch["requests"]) for batch in config.edit_log)
-    targets = ", ".join(f"`{t}`" for t in sorted(config.target_modules or []))
+    targets = ", ".join(f"`{t}`" for t in target_module_names(config.target_modules))
     layers = config.layers_to_transform if config.layers_to_transform is not None else "all matching"
     base = config.base_model_name_or_path or "(not recorded)"
     return f"""{CARD_START}

@@ -6,8 +6,11 @@ from collections import Counter
 from typing import Any
 
 import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
 
 from .config import LEMoEConfig
+from .hub import target_module_names
 
 
 def describe_adapter(config: LEMoEConfig) -> dict[str, Any]:
@@ -23,7 +26,7 @@ def describe_adapter(config: LEMoEConfig) -> dict[str, Any]:
     ]
     return {
         "base_model": config.base_model_name_or_path,
-        "target_modules": sorted(config.target_modules or []),
+        "target_modules": target_module_names(config.target_modules),
         "layers": config.layers_to_transform,
         "num_experts": config.num_experts,
         "num_anchors": config.num_anchors,
@@ -33,7 +36,9 @@ def describe_adapter(config: LEMoEConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def which_expert(model, tokenizer, prompt: str, adapter_name: str | None = None) -> dict[str, Any]:
+def which_expert(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, adapter_name: str | None = None
+) -> dict[str, Any]:
     """Route ``prompt`` and report, per LEMoE layer, the expert chosen at its last token with the best anchor score,
     plus the logged edit that holds this exact prompt, if any."""
     tuner = model.base_model
@@ -47,7 +52,7 @@ def which_expert(model, tokenizer, prompt: str, adapter_name: str | None = None)
         experts, weights = layer.route(name, pooled)
         scores = layer.route_queries(name, pooled) @ layer.lemoe_keys[name].float().T
         owner = layer.lemoe_key_expert[name]
-        chosen = int(experts[0, 0])
+        chosen = int(experts[0, 0]) if experts.numel() else -1
         best = float(scores[0, owner == chosen].max()) if chosen >= 0 else None
         nearest = float(scores.max()) if scores.numel() else None
         layers[layer_name] = {"expert": chosen if chosen >= 0 else None, "score": best, "nearest_anchor": nearest}

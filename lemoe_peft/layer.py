@@ -98,7 +98,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_route_basis = BufferDict(persistent=True)
         self.lemoe_route_scale = BufferDict(persistent=True)
         self.lemoe_settings: dict[str, RouteSettings] = {}
-        self._routing = routing
+        self.routing_session = routing
         self._disable_adapters = False
         self.merged_adapters = []
         self.in_features, self.out_features = _features(self.get_base_layer())
@@ -256,7 +256,7 @@ class LEMoELayer(BaseTunerLayer):
             if pooling == "token":
                 cache[pooling] = x.float()
             else:
-                context = self._routing.current
+                context = self.routing_session.current
                 valid, prefix = (None, None) if context is None else (context.valid, context.prefix.get(id(self)))
                 if valid is not None and valid.shape != x.shape[:2]:
                     valid = None
@@ -323,9 +323,9 @@ class LEMoELinear(nn.Module, LEMoELayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         sequences = self._as_sequences(x)
-        if self._routing.captured is not None:
-            context = self._routing.current
-            self._routing.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
+        if self.routing_session.captured is not None:
+            context = self.routing_session.current
+            self.routing_session.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
         if self.disable_adapters:
             return result
         pooled: dict[str, torch.Tensor] = {}
@@ -342,7 +342,7 @@ class LEMoELinear(nn.Module, LEMoELayer):
         """``x`` as (batch, tokens, features): some models (OPT) flatten the tokens of a batch before the FFN."""
         if x.dim() == 3:
             return x
-        context = self._routing.current
+        context = self.routing_session.current
         if context is not None and context.tokens is not None and x.shape[0] == context.tokens[0] * context.tokens[1]:
             return x.view(*context.tokens, x.shape[-1])
         return x.reshape(1, -1, x.shape[-1])  # unknown batch layout: one sequence

@@ -29,7 +29,12 @@ class LEMoEModel(BaseTuner):
 
     # ------------------------------------------------------------------------------------------------- injection
     def _pre_injection_hook(self, model: nn.Module, config: LEMoEConfig, adapter_name: str) -> None:
-        if not hasattr(self, "routing"):
+        if hasattr(self, "routing"):
+            return
+        existing = next((m.routing_session for m in model.modules() if isinstance(m, LEMoELayer)), None)
+        if existing is not None:  # the model already carries LEMoE layers (a second PeftModel on the same base)
+            self.routing, self._routing_hooks = existing, []
+        else:
             self.routing = RoutingSession()
             self._routing_hooks = self.routing.attach(model)
 
@@ -91,9 +96,6 @@ class LEMoEModel(BaseTuner):
             for key, module in self.model.named_modules()
             if isinstance(module, LEMoELayer) and name in module.lemoe_settings
         }
-
-    def num_experts(self, adapter_name: str | None = None) -> int:
-        return self.peft_config[self.resolve_adapter(adapter_name)].num_experts
 
     # ----------------------------------------------------------------------------------------------- the method
     def add_expert(self, adapter_name: str | None = None) -> int:

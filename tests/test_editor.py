@@ -99,6 +99,12 @@ def test_inspect_names_the_expert_holding_a_fact(edited):
     assert [route["expert"] for route in result["layers"].values()] == [expert]
 
 
+def test_inspect_before_any_edit_names_no_expert():
+    result = which_expert(new_model(), tiny_tokenizer(), "who wrote hamlet")
+    assert result["edited_in_expert"] is None
+    assert [route["expert"] for route in result["layers"].values()] == [None]
+
+
 def test_order_planning_is_deterministic_and_switchable():
     model = new_model()
     editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS)

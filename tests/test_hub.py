@@ -76,7 +76,8 @@ def test_push_to_hub_uploads_a_reloadable_adapter(model, hub):
 
 
 def test_lemoe_push_to_hub_keeps_the_lemoe_model_card(model, hub):
-    model.peft_config["default"].edit_log = [{"expert": 0, "requests": [{"prompt": "p"}, {"prompt": "q"}]}]
+    requests = [{"prompt": p, "target_new": "x", "fingerprint": p} for p in ("p", "q")]
+    model.peft_config["default"].edit_log = [{"expert": 0, "requests": requests}]
     lemoe_peft.hub.push_to_hub(model, "user/edits", commit_message="Add 2 edits")
     card = (hub.remote / "README.md").read_text()
     assert "LEMoE knowledge-edit adapter" in card

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from lemoe_peft import LEMoEConfig, LEMoELayer
@@ -109,3 +109,14 @@ def test_remove_expert_undoes_one_batch(model, base_logits):
     assert torch.equal(logits(model), base_logits)
     with pytest.raises(IndexError):
         model.base_model.remove_expert(0)
+
+
+def test_a_second_peft_model_on_the_same_base_shares_its_routing(model, tmp_path):
+    """PeftModel.from_pretrained on a base that already carries LEMoE layers (PEFT injects in place)."""
+    model.save_pretrained(tmp_path)
+    expected = logits(model)
+    second = PeftModel.from_pretrained(model.base_model.model, tmp_path, adapter_name="facts")
+    second.set_adapter("facts")
+    with second.base_model.capture_layer_inputs() as captured:
+        assert torch.equal(logits(second), expected)
+    assert len(captured) == 1, "the second tuner sees the layer inputs"
