@@ -22,6 +22,18 @@ _RECORDED_SIZES = {
     "lemoe_key_threshold": lambda c: c.num_anchors,
 }
 
+# the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening)
+ROUTING_STATE = (
+    "lemoe_keys",
+    "lemoe_key_expert",
+    "lemoe_key_threshold",
+    "lemoe_route_mean",
+    "lemoe_route_basis",
+    "lemoe_route_scale",
+)
+# every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
+_ALWAYS_SAVED = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
+
 
 def read_header(path: Path) -> dict[str, Any]:
     """The tensor table of a safetensors file, after checking that the file is complete."""
@@ -60,10 +72,16 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
     if not path.is_file():
         return
     tensors = read_header(path)
-    has_newest = any(".lemoe_A" in name for name in tensors)
-    problems = []
-    if has_newest != (config.num_experts > 0):
-        problems.append(f"the file {'has' if has_newest else 'lacks'} a newest expert")
+    fields_by_layer: dict[str, set[str]] = {}
+    for name in tensors:
+        layer, _, field = name.rpartition(".")
+        fields_by_layer.setdefault(layer, set()).add(field)
+    expected = set(_ALWAYS_SAVED) | ({"lemoe_A", "lemoe_B"} if config.num_experts > 0 else set())
+    problems = [] if fields_by_layer else ["the file holds no tensors"]
+    for layer, fields in fields_by_layer.items():
+        if fields != expected:
+            missing, extra = sorted(expected - fields), sorted(fields - expected)
+            problems.append(f"{layer} " + (f"lacks {missing}" if missing else f"has unexpected {extra}"))
     for name, info in tensors.items():
         field = name.rsplit(".", 1)[-1]
         rows = info["shape"][0] if info["shape"] else None

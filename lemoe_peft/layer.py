@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .adapter_file import ROUTING_STATE
 from .config import LEMoEConfig
 from .routing import RoutingSession, causal_mean, select_experts, whiten, whitening_statistics
 
@@ -63,17 +64,6 @@ def _features(layer: nn.Module) -> tuple[int, int]:
         f"LEMoE can only be put beside nn.Linear or transformers' Conv1D layers, not {type(layer).__name__}; "
         "point `target_modules` at the FFN's output projection."
     )
-
-
-# the buffers that decide routing; they keep their dtype when the base model is in half precision
-ROUTING_STATE = (
-    "lemoe_keys",
-    "lemoe_key_expert",
-    "lemoe_key_threshold",
-    "lemoe_route_mean",
-    "lemoe_route_basis",
-    "lemoe_route_scale",
-)
 
 
 class LEMoELayer(BaseTunerLayer):

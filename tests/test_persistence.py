@@ -98,6 +98,14 @@ def test_a_corrupt_header_is_refused_with_a_clear_message(saved, header):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+def test_a_file_missing_a_tensor_is_refused(saved):
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if not k.endswith("lemoe_keys")}, weights)
+    with pytest.raises(ValueError, match=r"lacks \['lemoe_keys'\]"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
 def test_config_disagreeing_with_the_tensors_is_refused(saved):
     config_path = saved / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
