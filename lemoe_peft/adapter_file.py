@@ -75,9 +75,10 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
     fields_by_layer: dict[str, set[str]] = {}
     for name in tensors:
         layer, _, field = name.rpartition(".")
-        fields_by_layer.setdefault(layer, set()).add(field)
+        if field.startswith("lemoe_"):  # other tuners' tensors (a LoRA that LEMoE wraps) may share the file
+            fields_by_layer.setdefault(layer, set()).add(field)
     expected = set(_ALWAYS_SAVED) | ({"lemoe_A", "lemoe_B"} if config.num_experts > 0 else set())
-    problems = [] if fields_by_layer else ["the file holds no tensors"]
+    problems = [] if fields_by_layer else ["the file holds no LEMoE tensors"]
     for layer, fields in fields_by_layer.items():
         if fields != expected:
             missing, extra = sorted(expected - fields), sorted(fields - expected)

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -43,12 +44,13 @@ def _recover(directory: Path) -> None:
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a complete checkpoint, after finishing a swap that a crash interrupted."""
     directory = Path(directory)
     _recover(directory)
     return (directory / "adapter_config.json").is_file() and (directory / ADAPTER_WEIGHTS).is_file()
 
 
-def save_checkpoint(model, directory: str | os.PathLike, adapter_name: str) -> None:
+def save_checkpoint(model: PeftModel, directory: str | os.PathLike, adapter_name: str) -> None:
     """Atomically replace ``directory`` with a fresh ``save_pretrained`` of ``adapter_name``."""
     directory = Path(directory)
     _recover(directory)
@@ -67,7 +69,7 @@ def save_checkpoint(model, directory: str | os.PathLike, adapter_name: str) -> N
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def restore_checkpoint(model, directory: str | os.PathLike, adapter_name: str) -> None:
+def restore_checkpoint(model: PeftModel, directory: str | os.PathLike, adapter_name: str) -> None:
     """Load the checkpoint in ``directory`` into ``model``'s adapter ``adapter_name``, resizing it to match."""
     directory = Path(directory)
     saved = LEMoEConfig.from_pretrained(str(directory))

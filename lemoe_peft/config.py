@@ -129,7 +129,9 @@ class LEMoEConfig(PeftConfig):
         write_card(save_directory, self)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> LEMoEConfig:
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):

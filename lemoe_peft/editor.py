@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from .config import LEMoEConfig
@@ -26,7 +27,7 @@ from .model import LEMoEModel
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .teacher_forcing import answer_logits, encode
+from .teacher_forcing import TeacherForcedBatch, answer_logits, encode
 from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class LEMoEEditor:
     def __init__(
         self,
         model: PeftModel,
-        tokenizer,
+        tokenizer: PreTrainedTokenizerBase,
         adapter_name: str | None = None,
         calibration: Sequence[str] | None = None,
         **settings: Any,
@@ -192,8 +193,9 @@ class LEMoEEditor:
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
-        keys = {name: self._queries(name, captured)[batch.predicts] for name in layers}
-        self.tuner.add_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
+        self.tuner.add_anchors(
+            expert, self._anchor_keys(layers, captured, batch), self.settings.anchor_threshold, self.adapter
+        )
         parameters = self.trainable_tensors()
         objective = Objective(batch, self._preserved_positions(expert, batch, captured), self.settings.preserve_weight)
         steps, loss = fit(
@@ -222,13 +224,13 @@ class LEMoEEditor:
         return record
 
     @torch.no_grad()
-    def _refresh_upper_anchors(self, expert: int, batch) -> None:
+    def _refresh_upper_anchors(self, expert: int, batch: TeacherForcedBatch) -> None:
         """With several LEMoE layers, the trained expert of a lower layer changes what the upper layers see: take
         their anchors again from the edited model, so that inference routes the batch as training intended."""
         with self.tuner.capture_layer_inputs() as captured:
             answer_logits(self.model, batch)
         upper = list(self.tuner.lemoe_layers(self.adapter))[1:]
-        keys = {name: self._queries(name, captured)[batch.predicts] for name in upper}
+        keys = self._anchor_keys(upper, captured, batch)
         self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
 
     def trainable_tensors(self) -> list[torch.Tensor]:
@@ -249,6 +251,10 @@ class LEMoEEditor:
         return routed & batch.attention_mask.bool() & ~batch.predicts
 
     # ---------------------------------------------------------------------------------------------------- routing
+    def _anchor_keys(self, layer_names: Iterable[str], captured: dict, batch: TeacherForcedBatch) -> dict:
+        """Per layer, the routing queries at the batch's decision positions: the anchor keys of its expert."""
+        return {name: self._queries(name, captured)[batch.predicts] for name in layer_names}
+
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:
         layer = self.tuner.lemoe_layers(self.adapter)[layer_name]
         inputs, valid = captured[layer_name]

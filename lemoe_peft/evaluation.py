@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .requests import EditRequest
 from .teacher_forcing import answer_logits, encode
@@ -50,7 +51,9 @@ def _locality_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
     return [(probe.prompt, probe.answer) for request in requests for probe in request.locality]
 
 
-def locality_reference(model: nn.Module, tokenizer, requests: Sequence[EditRequest]) -> list[torch.Tensor]:
+def locality_reference(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+) -> list[torch.Tensor]:
     """The unedited model's argmax tokens on every locality probe (compute it before editing a model in place)."""
     return [tokens for tokens, _ in predicted_tokens(model, tokenizer, _locality_pairs(requests))]
 
@@ -68,7 +71,7 @@ def _adapters_disabled(model: nn.Module) -> Iterator[None]:
 
 def evaluate_edits(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     *,
     reference: Sequence[torch.Tensor] | None = None,

@@ -169,7 +169,8 @@ class LEMoEModel(BaseTuner):
 
     @contextlib.contextmanager
     def capture_layer_inputs(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
-        """Within this context, record each LEMoE layer's input and padding mask: layer name -> (x, valid)."""
+        """Within this context, record each LEMoE layer's input and padding mask; the dict it yields is filled with
+        layer name -> (x, valid) when the context exits."""
         layers = {id(module): key for key, module in self.model.named_modules() if isinstance(module, LEMoELayer)}
         captured: dict[int, Any] = {}
         result: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _source(name_or_path: str) -> tuple[str, dict[str, str]]:
     return str(source), {}
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, ``.gguf`` file or ``smollm2``, with a pad token and right padding."""
     source, kwargs = _source(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -52,7 +52,9 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM (in eval mode) and its tokenizer from a folder, a ``.gguf`` file (dequantized), or
     ``smollm2``."""
     source, kwargs = _source(name_or_path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def encode(tokenizer, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
+def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
     """Tokenize (prompt, answer) pairs for teacher forcing."""
     rows, predicts, answers, lengths = [], [], [], []
     for prompt, answer in pairs:

@@ -5,6 +5,7 @@ optional term that keeps the model's previous next-token distribution at other p
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,10 @@ def fit(
     max_steps: int,
     learning_rate: float,
     early_stop_loss: float,
-    replay: contextlib.AbstractContextManager | None = None,
+    replay: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> tuple[int, float]:
     """Train ``parameters`` until the target cross-entropy reaches ``early_stop_loss`` or ``max_steps`` updates were
-    made. ``replay`` (a context-manager factory result, e.g. ``LowerLayerReplay.replay``) wraps every forward.
+    made. ``replay`` (a context-manager factory, e.g. ``LowerLayerReplay.replay``) wraps every forward.
     Returns the number of updates and the final target loss."""
     for parameter in parameters:
         parameter.requires_grad_(True)
