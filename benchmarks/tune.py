@@ -20,7 +20,7 @@ from .run import run
 
 BASELINE_GRID = [
     *[("FT-L", {"learning_rate": lr}) for lr in (1e-4, 1e-3, 1e-2)],
-    *[("LoRA", {"learning_rate": lr}) for lr in (1e-3, 1e-2, 3e-2)],
+    *[("LoRA", {"learning_rate": lr}) for lr in (1e-4, 3e-4, 1e-3, 1e-2, 3e-2)],
     *[("MoE adaptor", {"learning_rate": lr}) for lr in (1e-3, 1e-2, 3e-2)],
     *[("LEMoE w/o KV routing", {"learning_rate": lr}) for lr in (1e-2, 3e-2)],
 ]
