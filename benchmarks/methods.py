@@ -149,6 +149,15 @@ class LEMoENoPlanning(LEMoE):
         super().__init__(base, tokenizer, settings, plan_order=False)
 
 
+class LEMoEThreshold06(LEMoE):
+    """LEMoE with the anchor threshold that held-out CounterFact prefers (0.6; the default 0.5 suits ZsRE)."""
+
+    name = "LEMoE threshold 0.6"
+
+    def __init__(self, base, tokenizer, settings) -> None:
+        super().__init__(base, tokenizer, settings, anchor_threshold=0.6)
+
+
 class _UnfrozenEditor(LEMoEEditor):
     def trainable_tensors(self):
         layers = self.tuner.lemoe_layers(self.adapter).values()
@@ -193,5 +202,8 @@ class LEMoELearnedRouter(Method):
 
 METHODS = {
     method.name: method
-    for method in (LEMoE, FineTuneFFN, LoRA, ConventionalMoE, LEMoENoPlanning, LEMoELearnedRouter, LEMoENoFreezing)
+    for method in (
+        *(LEMoE, FineTuneFFN, LoRA, ConventionalMoE),
+        *(LEMoENoPlanning, LEMoELearnedRouter, LEMoENoFreezing, LEMoEThreshold06),
+    )
 }
