@@ -60,9 +60,9 @@ def _plot(dataset: str, rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("after the whole stream")
     axes[0].set_ylim(-0.02, 1.02)
-    axes[-1].legend(fontsize=8, loc="lower left")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(f"Lifelong editing on {dataset}, SmolLM2-135M-Instruct")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
