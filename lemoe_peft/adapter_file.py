@@ -32,7 +32,7 @@ ROUTING_STATE = (
     "lemoe_route_scale",
 )
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
-_ALWAYS_SAVED = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
+SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
         layer, _, field = name.rpartition(".")
         if field.startswith("lemoe_"):  # other tuners' tensors (a LoRA that LEMoE wraps) may share the file
             fields_by_layer.setdefault(layer, set()).add(field)
-    expected = set(_ALWAYS_SAVED) | ({"lemoe_A", "lemoe_B"} if config.num_experts > 0 else set())
+    expected = set(SAVED_BUFFERS) | ({"lemoe_A", "lemoe_B"} if config.num_experts > 0 else set())
     problems = [] if fields_by_layer else ["the file holds no LEMoE tensors"]
     for layer, fields in fields_by_layer.items():
         if fields != expected:

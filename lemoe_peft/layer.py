@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapter_file import ROUTING_STATE
+from .adapter_file import ROUTING_STATE, SAVED_BUFFERS
 from .config import LEMoEConfig
 from .routing import RoutingSession, causal_mean, select_experts, whiten, whitening_statistics
 
@@ -69,9 +69,7 @@ def _features(layer: nn.Module) -> tuple[int, int]:
 class LEMoELayer(BaseTunerLayer):
     adapter_layer_names = ("lemoe_A", "lemoe_B")
     other_param_names = (
-        "lemoe_frozen_A",
-        "lemoe_frozen_B",
-        *ROUTING_STATE,
+        *SAVED_BUFFERS,
         "lemoe_settings",
     )
 
