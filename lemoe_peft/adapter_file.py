@@ -20,6 +20,9 @@ _RECORDED_SIZES = {
     "lemoe_keys": lambda c: c.num_anchors,
     "lemoe_key_expert": lambda c: c.num_anchors,
     "lemoe_key_threshold": lambda c: c.num_anchors,
+    "lemoe_key_subject": lambda c: c.num_anchors,
+    "lemoe_subjects": lambda c: c.num_subjects,
+    "lemoe_subject_expert": lambda c: c.num_subjects,
 }
 
 # the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening)
@@ -27,6 +30,9 @@ ROUTING_STATE = (
     "lemoe_keys",
     "lemoe_key_expert",
     "lemoe_key_threshold",
+    "lemoe_key_subject",
+    "lemoe_subjects",
+    "lemoe_subject_expert",
     "lemoe_route_mean",
     "lemoe_route_basis",
     "lemoe_route_scale",

@@ -87,6 +87,7 @@ class LEMoEConfig(PeftConfig):
     )
     num_experts: int = field(default=0, metadata={"help": "Number of experts held (grows with add_expert)."})
     num_anchors: int = field(default=0, metadata={"help": "Number of anchor keys held (grows with add_anchors)."})
+    num_subjects: int = field(default=0, metadata={"help": "Number of subject keys held (grows with add_anchors)."})
     top_k: int = field(default=1, metadata={"help": "Experts mixed per token among those whose anchors match."})
     route_pooling: Literal["causal_mean", "token"] = field(
         default="causal_mean",
@@ -101,6 +102,13 @@ class LEMoEConfig(PeftConfig):
     route_threshold: float = field(
         default=0.5,
         metadata={"help": "Default score an input needs to reach an anchor; below it the FFN is untouched."},
+    )
+    route_subject_threshold: float | None = field(
+        default=0.6,
+        metadata={
+            "help": "Cosine a token of the input must reach with an edit's subject key before that edit's anchors "
+            "serve it (None: no subject gate)."
+        },
     )
     route_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature mixing the top_k experts."})
     route_calibration_size: int = field(
@@ -148,6 +156,11 @@ class LEMoEConfig(PeftConfig):
             (isinstance(self.expert_rank, int) and self.expert_rank >= 1, "expert_rank must be an integer >= 1"),
             (isinstance(self.num_experts, int) and self.num_experts >= 0, "num_experts must be an integer >= 0"),
             (isinstance(self.num_anchors, int) and self.num_anchors >= 0, "num_anchors must be an integer >= 0"),
+            (isinstance(self.num_subjects, int) and self.num_subjects >= 0, "num_subjects must be an integer >= 0"),
+            (
+                self.route_subject_threshold is None or -1.0 <= self.route_subject_threshold <= 1.0,
+                "route_subject_threshold is a cosine similarity and must lie in [-1, 1] (or be None)",
+            ),
             (isinstance(self.top_k, int) and self.top_k >= 1, "top_k must be an integer >= 1"),
             (0.0 < self.layer_depth <= 1.0, "layer_depth must lie in (0, 1]"),
             (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),

@@ -24,10 +24,11 @@ from .checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from .config import LEMoEConfig
 from .edit_log import edited_fingerprints, fingerprint
 from .model import LEMoEModel
+from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .teacher_forcing import TeacherForcedBatch, answer_logits, encode
+from .teacher_forcing import TeacherForcedBatch, answer_logits, encode, token_position, with_rows
 from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class EditorSettings:
     seed: int = 0
     anchor_threshold: float | None = None  # score an input needs to reach a new anchor; None: the config's default
     preserve_weight: float = 1.0  # weight of keeping other prompt positions' predictions (0: off)
+    negatives_per_edit: int = 3  # prompts per edit that must not change (see lemoe_peft.negatives; 0: none)
+    negative_continuation: int = 2  # tokens of the unedited model's continuation of each negative also kept
 
     def __post_init__(self) -> None:
         checks = [
@@ -53,6 +56,8 @@ class EditorSettings:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.early_stop_loss >= 0, "early_stop_loss must be >= 0"),
             (self.preserve_weight >= 0, "preserve_weight must be >= 0"),
+            (self.negatives_per_edit >= 0, "negatives_per_edit must be >= 0"),
+            (self.negative_continuation >= 0, "negative_continuation must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -190,12 +195,19 @@ class LEMoEEditor:
         self.model.eval()  # no dropout: the routing and the expert see exactly what inference will
         batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
         layers = self.tuner.lemoe_layers(self.adapter)
+        with torch.no_grad(), self.tuner.capture_layer_inputs() as captured:
+            answer_logits(self.model, batch)
+        self.tuner.add_anchors(
+            expert,
+            self._anchor_keys(layers, captured, batch),
+            self.settings.anchor_threshold,
+            self.adapter,
+            *self._subject_keys(layers, captured, requests, batch),
+        )
+        batch = self._with_negatives(expert, requests, batch)
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
-        self.tuner.add_anchors(
-            expert, self._anchor_keys(layers, captured, batch), self.settings.anchor_threshold, self.adapter
-        )
         parameters = self.trainable_tensors()
         objective = Objective(batch, self._preserved_positions(expert, batch, captured), self.settings.preserve_weight)
         steps, loss = fit(
@@ -210,7 +222,7 @@ class LEMoEEditor:
         for parameter in parameters:
             parameter.requires_grad_(False)
         if len(layers) > 1:
-            self._refresh_upper_anchors(expert, batch)
+            self._refresh_upper_anchors(expert, requests)
         record = {
             "expert": expert,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -224,14 +236,49 @@ class LEMoEEditor:
         return record
 
     @torch.no_grad()
-    def _refresh_upper_anchors(self, expert: int, batch: TeacherForcedBatch) -> None:
+    def _with_negatives(
+        self, expert: int, requests: Sequence[EditRequest], batch: TeacherForcedBatch
+    ) -> TeacherForcedBatch:
+        """``batch`` plus the negative prompts (:mod:`lemoe_peft.negatives`) that the new expert's anchors reach,
+        each followed by the unedited model's greedy continuation."""
+        settings = self.settings
+        prompts = negative_prompts(requests, settings.negatives_per_edit, settings.seed + expert)
+        if not prompts or settings.preserve_weight == 0:
+            return batch
+        rows = [self.tokenizer(p).input_ids for p in prompts]
+        with self.model.disable_adapter():
+            for _ in range(settings.negative_continuation):
+                tokens = with_rows(self.tokenizer, batch, rows).to(self.device)
+                logits = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
+                last = tokens.attention_mask.sum(dim=1) - 1
+                following = logits[torch.arange(len(last)), last].argmax(dim=-1)[len(requests) :].tolist()
+                rows = [ids + [token] for ids, token in zip(rows, following, strict=True)]
+        candidates = with_rows(self.tokenizer, batch, rows).to(self.device)
+        with self.tuner.capture_layer_inputs() as captured:
+            self.model(input_ids=candidates.input_ids, attention_mask=candidates.attention_mask, use_cache=False)
+        reached = self._routed_to(expert, candidates, captured).any(dim=1)[len(requests) :]
+        kept = [ids for ids, hit in zip(rows, reached.tolist(), strict=True) if hit]
+        return with_rows(self.tokenizer, batch, kept).to(self.device) if kept else batch
+
+    def _routed_to(self, expert: int, batch: TeacherForcedBatch, captured: dict) -> torch.Tensor:
+        """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""
+        routed = torch.zeros_like(batch.predicts)
+        for name, layer in self.tuner.lemoe_layers(self.adapter).items():
+            experts, _ = layer.route_sequences(self.adapter, *captured[name])
+            routed |= (experts == expert).any(dim=-1)
+        return routed & batch.attention_mask.bool()
+
+    @torch.no_grad()
+    def _refresh_upper_anchors(self, expert: int, requests: Sequence[EditRequest]) -> None:
         """With several LEMoE layers, the trained expert of a lower layer changes what the upper layers see: take
         their anchors again from the edited model, so that inference routes the batch as training intended."""
+        batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
         with self.tuner.capture_layer_inputs() as captured:
             answer_logits(self.model, batch)
         upper = list(self.tuner.lemoe_layers(self.adapter))[1:]
         keys = self._anchor_keys(upper, captured, batch)
-        self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, adapter_name=self.adapter)
+        subjects, key_subject = self._subject_keys(upper, captured, requests, batch)
+        self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, self.adapter, subjects, key_subject)
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         """What a batch trains: the newest expert of every LEMoE layer (module insertion freezes the others)."""
@@ -244,16 +291,35 @@ class LEMoEEditor:
         teaches it to act on the whole edited question, not on its subject alone."""
         if self.settings.preserve_weight == 0:
             return None
-        routed = torch.zeros_like(batch.predicts)
-        for name, layer in self.tuner.lemoe_layers(self.adapter).items():
-            experts, _ = layer.route(self.adapter, layer.pooled_queries(self.adapter, *captured[name]))
-            routed |= (experts == expert).any(dim=-1)
-        return routed & batch.attention_mask.bool() & ~batch.predicts
+        return self._routed_to(expert, batch, captured) & ~batch.predicts
 
     # ---------------------------------------------------------------------------------------------------- routing
     def _anchor_keys(self, layer_names: Iterable[str], captured: dict, batch: TeacherForcedBatch) -> dict:
         """Per layer, the routing queries at the batch's decision positions: the anchor keys of its expert."""
         return {name: self._queries(name, captured)[batch.predicts] for name in layer_names}
+
+    def _subject_keys(
+        self, layer_names: Iterable[str], captured: dict, requests: Sequence[EditRequest], batch: TeacherForcedBatch
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per layer, the keys of the batch's subjects (the input at a subject's last token, see
+        :meth:`LEMoELayer.subject_queries`), and for each anchor the index of its request's subject (-1: none).
+        A subject at a prompt's first token gets no key: that position's state is alike for every text."""
+        positions = []
+        for row, request in enumerate(requests):
+            span = subject_span(request)
+            position = None if span is None else token_position(self.tokenizer, request.prompt.rstrip(), span[1])
+            if position is not None and position >= 1 and batch.predicts[row, position:].any():
+                positions.append((row, position))
+        index = torch.full((len(requests),), -1, dtype=torch.long)
+        for number, (row, _) in enumerate(positions):
+            index[row] = number
+        rows = torch.tensor([row for row, _ in positions], dtype=torch.long)
+        columns = torch.tensor([position for _, position in positions], dtype=torch.long)
+        layers = self.tuner.lemoe_layers(self.adapter)
+        subjects = {
+            name: layers[name].subject_queries(self.adapter, captured[name][0][rows, columns]) for name in layer_names
+        }
+        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()]
 
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:
         layer = self.tuner.lemoe_layers(self.adapter)[layer_name]

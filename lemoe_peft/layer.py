@@ -6,6 +6,8 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 * ``lemoe_frozen_A`` / ``lemoe_frozen_B``: all earlier experts, stacked ``(E-1, d_in, r)`` / ``(E-1, r, d_out)``;
 * ``lemoe_keys`` ``(N, d_in)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
   expert owning each, and the score each needs;
+* ``lemoe_subjects`` ``(S, d_in)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
+  experts; ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` / ``lemoe_route_basis`` / ``lemoe_route_scale``: the whitening applied to routing queries.
 """
 
@@ -23,7 +25,16 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapter_file import ROUTING_STATE, SAVED_BUFFERS
 from .config import LEMoEConfig
-from .routing import RoutingSession, causal_mean, select_experts, whiten, whitening_statistics
+from .routing import (
+    RouteState,
+    RoutingSession,
+    causal_mean,
+    select_experts,
+    subject_presence,
+    token_counts,
+    whiten,
+    whitening_statistics,
+)
 
 _ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
 
@@ -43,6 +54,7 @@ class RouteSettings:
     top_k: int
     temperature: float
     activation: str
+    subject_threshold: float | None
 
     @classmethod
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
@@ -52,6 +64,7 @@ class RouteSettings:
             config.top_k,
             config.route_temperature,
             config.expert_activation,
+            config.route_subject_threshold,
         )
 
 
@@ -82,6 +95,9 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_keys = BufferDict(persistent=True)
         self.lemoe_key_expert = BufferDict(persistent=True)
         self.lemoe_key_threshold = BufferDict(persistent=True)
+        self.lemoe_key_subject = BufferDict(persistent=True)
+        self.lemoe_subjects = BufferDict(persistent=True)
+        self.lemoe_subject_expert = BufferDict(persistent=True)
         self.lemoe_route_mean = BufferDict(persistent=True)
         self.lemoe_route_basis = BufferDict(persistent=True)
         self.lemoe_route_scale = BufferDict(persistent=True)
@@ -112,6 +128,9 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_in)
         self.lemoe_key_expert[adapter_name] = torch.zeros(config.num_anchors, dtype=torch.long)
         self.lemoe_key_threshold[adapter_name] = torch.full((config.num_anchors,), float(config.route_threshold))
+        self.lemoe_key_subject[adapter_name] = torch.full((config.num_anchors,), -1, dtype=torch.long)
+        self.lemoe_subjects[adapter_name] = torch.zeros(config.num_subjects, d_in)
+        self.lemoe_subject_expert[adapter_name] = torch.zeros(config.num_subjects, dtype=torch.long)
         self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
         self.lemoe_route_basis[adapter_name] = torch.zeros(d_in, whiten_rank)
         self.lemoe_route_scale[adapter_name] = torch.ones(whiten_rank + 1)
@@ -171,32 +190,78 @@ class LEMoELayer(BaseTunerLayer):
         else:
             keep = [i for i in range(frozen_a.shape[0]) if i != expert]
             self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name] = frozen_a[keep], frozen_b[keep]
-        owners = self.lemoe_key_expert[adapter_name]
-        kept = owners != expert
-        self.lemoe_keys[adapter_name] = self.lemoe_keys[adapter_name][kept]
-        self.lemoe_key_threshold[adapter_name] = self.lemoe_key_threshold[adapter_name][kept]
-        self.lemoe_key_expert[adapter_name] = owners[kept] - (owners[kept] > expert).long()
+        removed = self._drop_anchors(adapter_name, expert)
+        for store in (self.lemoe_key_expert, self.lemoe_subject_expert):
+            owners = store[adapter_name]
+            store[adapter_name] = owners - (owners > expert).long()
+        return removed
+
+    def _drop_anchors(self, adapter_name: str, expert: int) -> int:
+        """Delete ``expert``'s anchor keys and subject keys; return the number of anchor keys deleted."""
+        kept = self.lemoe_key_expert[adapter_name] != expert
+        for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold, self.lemoe_key_subject):
+            store[adapter_name] = store[adapter_name][kept]
+        kept_subjects = self.lemoe_subject_expert[adapter_name] != expert
+        # old subject index -> index after the deletion (a trailing -1 serves ungated anchors)
+        new_index = torch.cat([kept_subjects.long().cumsum(0) - 1, kept_subjects.new_full((1,), -1, dtype=torch.long)])
+        self.lemoe_key_subject[adapter_name] = new_index[self.lemoe_key_subject[adapter_name]]
+        for store in (self.lemoe_subjects, self.lemoe_subject_expert):
+            store[adapter_name] = store[adapter_name][kept_subjects]
         return int((~kept).sum())
 
-    def add_anchors(self, adapter_name: str, expert: int, keys: torch.Tensor, threshold: torch.Tensor) -> None:
-        """Append anchor ``keys`` (n, d_in), already in query space, owned by ``expert``, each with its threshold."""
+    def add_anchors(
+        self,
+        adapter_name: str,
+        expert: int,
+        keys: torch.Tensor,
+        threshold: torch.Tensor,
+        subjects: torch.Tensor | None = None,
+        key_subject: torch.Tensor | None = None,
+    ) -> None:
+        """Append anchor ``keys`` (n, d_in), already in query space, owned by ``expert``, each with its threshold.
+
+        ``subjects`` (s, d_in) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`)
+        and ``key_subject`` (n,) says which of them gates each anchor (-1: none).
+        """
         if not 0 <= expert < self.num_experts(adapter_name):
             raise IndexError(f"Cannot add anchors to expert {expert}: it does not exist.")
         old = self.lemoe_keys[adapter_name]
         if keys.dim() != 2 or keys.shape[1] != old.shape[1]:
             raise ValueError(f"Anchor keys must have shape (n, {old.shape[1]}), got {tuple(keys.shape)}.")
-        owners = torch.full((keys.shape[0],), expert, dtype=torch.long, device=old.device)
-        self.lemoe_keys[adapter_name] = torch.cat([old, keys.to(old)])
-        self.lemoe_key_expert[adapter_name] = torch.cat([self.lemoe_key_expert[adapter_name], owners])
-        threshold = threshold.to(old).expand(keys.shape[0])
-        self.lemoe_key_threshold[adapter_name] = torch.cat([self.lemoe_key_threshold[adapter_name], threshold])
+        n, device = keys.shape[0], old.device
+        subjects = keys.new_zeros(0, keys.shape[1]) if subjects is None else subjects
+        key_subject = torch.full((n,), -1) if key_subject is None else key_subject
+        if (
+            subjects.shape[1:] != keys.shape[1:]
+            or key_subject.shape != (n,)
+            or (n > 0 and int(key_subject.max()) >= len(subjects))
+        ):
+            raise ValueError("Subject keys must have the anchors' width, and key_subject one index (or -1) per anchor.")
+        first_subject = self.lemoe_subjects[adapter_name].shape[0]
+        key_subject = key_subject.to(device=device, dtype=torch.long)
+        growth = {
+            self.lemoe_keys: keys.to(old),
+            self.lemoe_key_expert: torch.full((n,), expert, dtype=torch.long, device=device),
+            self.lemoe_key_threshold: threshold.to(old).expand(n),
+            self.lemoe_key_subject: torch.where(key_subject >= 0, key_subject + first_subject, key_subject),
+            self.lemoe_subjects: subjects.to(old),
+            self.lemoe_subject_expert: torch.full((len(subjects),), expert, dtype=torch.long, device=device),
+        }
+        for store, rows in growth.items():
+            store[adapter_name] = torch.cat([store[adapter_name], rows])
 
-    def replace_anchors(self, adapter_name: str, expert: int, keys: torch.Tensor, threshold: torch.Tensor) -> None:
-        """Swap ``expert``'s anchor keys for ``keys`` (same meaning as in :meth:`add_anchors`)."""
-        kept = self.lemoe_key_expert[adapter_name] != expert
-        for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold):
-            store[adapter_name] = store[adapter_name][kept]
-        self.add_anchors(adapter_name, expert, keys, threshold)
+    def replace_anchors(
+        self,
+        adapter_name: str,
+        expert: int,
+        keys: torch.Tensor,
+        threshold: torch.Tensor,
+        subjects: torch.Tensor | None = None,
+        key_subject: torch.Tensor | None = None,
+    ) -> None:
+        """Swap ``expert``'s anchor and subject keys for new ones (same meaning as in :meth:`add_anchors`)."""
+        self._drop_anchors(adapter_name, expert)
+        self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject)
 
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
         """Set the routing whitening from pooled queries (n, d_in) of generic text. Anchors must not exist yet."""
@@ -225,8 +290,42 @@ class LEMoELayer(BaseTunerLayer):
             normalize=self.lemoe_settings[adapter_name].similarity == "cosine",
         )
 
-    def route(self, adapter_name: str, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts (..., k) (-1: none) and mixing weights (..., k) for raw pooled queries."""
+    def subject_queries(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Whitened, normalized inputs of single tokens: the space of subject keys (edit time) and of the token
+        inputs matched against them (inference)."""
+        return whiten(
+            x.float(),
+            self.lemoe_route_mean[adapter_name].float(),
+            self.lemoe_route_basis[adapter_name].float(),
+            self.lemoe_route_scale[adapter_name].float(),
+            normalize=True,
+        )
+
+    def subject_gate(
+        self,
+        adapter_name: str,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Which anchors may serve each token of ``x`` (B, T, d_in): (B, T, N) booleans, and the subject scores so
+        far (B, T, S) to continue from; (None, None) when no anchor is gated."""
+        threshold = self.lemoe_settings[adapter_name].subject_threshold
+        subjects = self.lemoe_subjects[adapter_name]
+        if threshold is None or subjects.shape[0] == 0:
+            return None, None
+        scores = self.subject_queries(adapter_name, x) @ subjects.float().T
+        presence = subject_presence(scores, counts, valid, prefix)
+        gated = self.lemoe_key_subject[adapter_name]
+        allowed = (gated < 0) | (presence[..., gated.clamp_min(0)] >= threshold)
+        return allowed, presence
+
+    def route(
+        self, adapter_name: str, pooled: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts (..., k) (-1: none) and mixing weights (..., k) for raw pooled queries; ``allowed`` (..., N) comes
+        from :meth:`subject_gate`."""
         settings = self.lemoe_settings[adapter_name]
         return select_experts(
             self.route_queries(adapter_name, pooled),
@@ -236,24 +335,45 @@ class LEMoELayer(BaseTunerLayer):
             self.num_experts(adapter_name),
             settings.top_k,
             settings.temperature,
+            allowed,
         )
 
-    def _pooled_for_call(self, x: torch.Tensor, pooling: str, cache: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled queries for the tokens of the current forward call, continuing cached generation if any."""
-        if pooling not in cache:
-            if pooling == "token":
-                cache[pooling] = x.float()
-            else:
-                context = self.routing_session.current
-                valid, prefix = (None, None) if context is None else (context.valid, context.prefix.get(id(self)))
-                if valid is not None and valid.shape != x.shape[:2]:
-                    valid = None
-                if prefix is not None and prefix[0].shape[0] != x.shape[0]:
-                    prefix = None
-                cache[pooling], sums = causal_mean(x, valid, prefix)
-                if context is not None:
-                    context.updated[id(self)] = sums
-        return cache[pooling]
+    def route_sequences(
+        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them."""
+        allowed, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
+        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), allowed)
+
+    def _route_call(
+        self, adapter_name: str, x: torch.Tensor, call: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route the tokens of the current forward call, continuing cached generation if any. ``call`` holds what
+        the adapters of this layer share within one call (queries, token counts, the state to carry forward)."""
+        if not call:
+            context = self.routing_session.current
+            valid = None if context is None or context.valid is None else context.valid
+            valid = valid if valid is not None and valid.shape == x.shape[:2] else None
+            prefix = None if context is None else context.prefix.get(id(self))
+            prefix = prefix if prefix is not None and prefix.sums[0].shape[0] == x.shape[0] else None
+            means, sums = causal_mean(x, valid, None if prefix is None else prefix.sums)
+            counts = token_counts(x, valid, None if prefix is None else prefix.sums[1])
+            call.update(valid=valid, prefix=prefix, means=means, counts=counts, state=RouteState(sums))
+            if context is not None:
+                context.updated[id(self)] = call["state"]
+        settings = self.lemoe_settings[adapter_name]
+        prefix = call["prefix"]
+        allowed, presence = self.subject_gate(
+            adapter_name,
+            x,
+            call["counts"],
+            call["valid"],
+            None if prefix is None else prefix.presence.get(adapter_name),
+        )
+        if presence is not None:
+            call["state"].presence[adapter_name] = presence[:, -1]
+        pooled = x.float() if settings.pooling == "token" else call["means"]
+        return self.route(adapter_name, pooled, allowed)
 
     # ---------------------------------------------------------------------------------------------------- experts
     def _expert_weights(self, adapter_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,12 +436,11 @@ class LEMoELinear(nn.Module, LEMoELayer):
             self.routing_session.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
         if self.disable_adapters:
             return result
-        pooled: dict[str, torch.Tensor] = {}
+        call: dict[str, Any] = {}
         for adapter_name in self.active_adapters:
             if adapter_name not in self.lemoe_keys or self.num_anchors(adapter_name) == 0:
                 continue
-            query = self._pooled_for_call(sequences, self.lemoe_settings[adapter_name].pooling, pooled)
-            experts, weights = self.route(adapter_name, query)
+            experts, weights = self._route_call(adapter_name, sequences, call)
             delta = self.mix_experts(adapter_name, sequences, experts, weights)
             result = result + delta.reshape(result.shape).to(result.dtype)
         return result

@@ -117,6 +117,7 @@ class LEMoEModel(BaseTuner):
         config = self.peft_config[name]
         config.num_experts -= 1
         config.num_anchors -= removed.pop()
+        config.num_subjects = next(iter(self.lemoe_layers(name).values())).lemoe_subjects[name].shape[0]
         config.edit_log = [batch for batch in config.edit_log if batch["expert"] != expert]
         for batch in config.edit_log:
             if batch["expert"] > expert:
@@ -128,17 +129,27 @@ class LEMoEModel(BaseTuner):
         keys: dict[str, torch.Tensor],
         threshold: float | torch.Tensor | None = None,
         adapter_name: str | None = None,
+        subjects: dict[str, torch.Tensor] | None = None,
+        key_subject: torch.Tensor | None = None,
     ) -> None:
         """Give ``expert`` anchor keys: ``keys`` maps each LEMoE layer name to (n, d) vectors in query space (see
-        :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys."""
+        :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys. ``threshold`` is one score
+        or one per key. Optionally ``subjects`` maps each layer to (s, d) subject keys (see
+        :meth:`LEMoELayer.subject_queries`) and ``key_subject`` (n,) names the subject gating each key (-1: none)."""
         name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
             raise ValueError(f"Give the same number of anchor keys for exactly these layers: {sorted(layers)}.")
+        if subjects is not None and (set(subjects) != set(layers) or len({s.shape[0] for s in subjects.values()}) != 1):
+            raise ValueError(f"Give the same number of subject keys for exactly these layers: {sorted(layers)}.")
         config = self.peft_config[name]
         for layer_name, layer in layers.items():
-            layer.add_anchors(name, expert, keys[layer_name], self._threshold(config, threshold))
+            layer_subjects = None if subjects is None else subjects[layer_name]
+            layer.add_anchors(
+                name, expert, keys[layer_name], self._threshold(config, threshold), layer_subjects, key_subject
+            )
         config.num_anchors += next(iter(keys.values())).shape[0]
+        config.num_subjects += 0 if subjects is None else next(iter(subjects.values())).shape[0]
 
     def replace_anchors(
         self,
@@ -146,15 +157,23 @@ class LEMoEModel(BaseTuner):
         keys: dict[str, torch.Tensor],
         threshold: float | torch.Tensor | None = None,
         adapter_name: str | None = None,
+        subjects: dict[str, torch.Tensor] | None = None,
+        key_subject: torch.Tensor | None = None,
     ) -> None:
-        """Swap the anchor keys of ``expert`` in the layers named in ``keys`` for new ones, as many as before."""
+        """Swap the anchor (and subject) keys of ``expert`` in the layers named in ``keys`` for new ones, as many as
+        before."""
         name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         for layer_name, new_keys in keys.items():
             layer = layers[layer_name]
-            if int((layer.lemoe_key_expert[name] == expert).sum()) != new_keys.shape[0]:
-                raise ValueError(f"Expert {expert} has a different number of anchors in {layer_name}.")
-            layer.replace_anchors(name, expert, new_keys, self._threshold(self.peft_config[name], threshold))
+            layer_subjects = None if subjects is None else subjects[layer_name]
+            if int((layer.lemoe_key_expert[name] == expert).sum()) != new_keys.shape[0] or (
+                int((layer.lemoe_subject_expert[name] == expert).sum())
+                != (0 if subjects is None else len(layer_subjects))
+            ):
+                raise ValueError(f"Expert {expert} has a different number of anchors or subjects in {layer_name}.")
+            threshold_ = self._threshold(self.peft_config[name], threshold)
+            layer.replace_anchors(name, expert, new_keys, threshold_, layer_subjects, key_subject)
 
     @staticmethod
     def _threshold(config: LEMoEConfig, threshold: float | torch.Tensor | None) -> torch.Tensor:

@@ -2,10 +2,13 @@
 identical whether a sequence is scored in one forward pass or generated token by token with a KV cache.
 
 The routing query of token t is the running mean of the adaptor layer's input over tokens 1..t ("causal_mean", an
-instance-level embedding of everything read so far) or the input at t alone ("token"). A causal query depends only on
-the prefix, so teacher-forced training, teacher-forced evaluation and cached generation see the same query for the
-same prefix. During cached generation each call only sees the new tokens, so the running sums of earlier calls are kept
-per KV-cache object (:class:`RoutingSession`) and resumed on the next call.
+instance-level embedding of everything read so far) or the input at t alone ("token"). An anchor made from an edit
+whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
+some earlier token's input matched the subject's key (:func:`subject_presence`). The query tells which relation and
+wording are asked about; the gate tells about whom, so a prompt with the same template but another subject does not
+reach the expert. Both depend only on the prefix, so teacher-forced training, teacher-forced evaluation and cached
+generation route the same prefix the same way. During cached generation each call only sees the new tokens, so the
+running state of earlier calls is kept per KV-cache object (:class:`RoutingSession`) and resumed on the next call.
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d), number of valid tokens (B, 1))
+
+
+@dataclass
+class RouteState:
+    """What a LEMoE layer carries from one call to the next during cached generation."""
+
+    sums: RunningSums  # running sums of the layer input (causal-mean queries)
+    presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -45,6 +56,29 @@ def causal_mean(
         counts = counts + prefix[1][:, None]
     means = (sums / counts.clamp_min(1)).to(torch.float32)
     return means, (sums[:, -1], counts[:, -1])
+
+
+def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """How many valid tokens (B, T) have been read up to each position of ``x`` (B, T, ...), after ``prefix`` (B, 1)."""
+    weight = torch.ones(x.shape[:2], device=x.device) if valid is None else valid.float()
+    counts = weight.cumsum(dim=1)
+    return counts if prefix is None else counts + prefix.to(counts)
+
+
+def subject_presence(
+    scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """For subject-key scores of every token (B, T, S): the best score up to each position, continuing ``prefix``.
+
+    ``counts`` (B, T) numbers the valid tokens read so far (1 = a sequence's first token). The first token and
+    padding never count: a decoder's first position is an attention sink whose state is alike for every text.
+    """
+    ignored = counts <= 1 if valid is None else (counts <= 1) | ~valid
+    scores = scores.masked_fill(ignored[..., None], float("-inf"))
+    if prefix is not None:
+        scores = torch.cat([prefix[:, None], scores], dim=1)
+    best = scores.cummax(dim=1).values
+    return best if prefix is None else best[:, 1:]
 
 
 def whitening_statistics(samples: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,16 +128,19 @@ def select_experts(
     num_experts: int,
     top_k: int,
     temperature: float,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each query (..., d) to at most ``top_k`` experts.
 
-    An expert's score is the best score of its anchor keys that reach their threshold; experts with no such key are
-    not candidates, and a query with no candidate keeps the base FFN's output. On equal scores the newest expert
-    wins, so re-editing a fact overrides the earlier edit. Returns expert indices (..., k), -1 where none, and
-    mixing weights (..., k) that sum to 1 over the chosen experts.
+    An expert's score is the best score of its anchor keys that reach their threshold (and, where ``allowed``
+    (..., N) is given, that it allows); experts with no such key are not candidates, and a query with no candidate
+    keeps the base FFN's output. On equal scores the newest expert wins, so re-editing a fact overrides the earlier
+    edit. Returns expert indices (..., k), -1 where none, and mixing weights (..., k) that sum to 1 over the chosen
+    experts.
     """
     scores = queries @ keys.T
-    scores = scores.masked_fill(scores < key_threshold, float("-inf"))
+    blocked = scores < key_threshold if allowed is None else (scores < key_threshold) | ~allowed
+    scores = scores.masked_fill(blocked, float("-inf"))
     per_expert = scores.new_full((*scores.shape[:-1], num_experts), float("-inf"))
     per_expert = per_expert.scatter_reduce(-1, key_expert.expand_as(scores), scores, reduce="amax")
     newest_first = per_expert.flip(-1)  # a stable descending sort then keeps the newest of equal scores first
@@ -122,8 +159,8 @@ class CallContext:
 
     tokens: tuple[int, int] | None  # (B, T) of this call's input ids, if known
     valid: torch.Tensor | None  # (B, T) mask of real (non-padding) tokens among this call's tokens
-    prefix: dict[int, RunningSums]  # running sums per layer before this call (cached generation)
-    updated: dict[int, RunningSums] = field(default_factory=dict)  # running sums per layer after this call
+    prefix: dict[int, RouteState]  # routing state per layer before this call (cached generation)
+    updated: dict[int, RouteState] = field(default_factory=dict)  # routing state per layer after this call
 
 
 def _first_tensor(args: tuple, kwargs: dict, names: tuple[str, ...]) -> torch.Tensor | None:
@@ -151,7 +188,7 @@ class RoutingSession:
     def __init__(self) -> None:
         self.current: CallContext | None = None
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        self._sums_by_cache: weakref.WeakKeyDictionary[Any, dict[int, RunningSums]] = weakref.WeakKeyDictionary()
+        self._state_by_cache: weakref.WeakKeyDictionary[Any, dict[int, RouteState]] = weakref.WeakKeyDictionary()
         self._warned = False
 
     def before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -161,7 +198,7 @@ class RoutingSession:
         if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
             valid = mask[:, -tokens.shape[1] :].bool()
         cache = _cache_of(kwargs)
-        prefix = self._sums_by_cache.get(cache) if cache is not None else None
+        prefix = self._state_by_cache.get(cache) if cache is not None else None
         if cache is not None and prefix is None and cache.get_seq_length() > 0 and not self._warned:
             self._warned = True
             logger.warning(
@@ -174,7 +211,7 @@ class RoutingSession:
         context, self.current = self.current, None
         cache = _cache_of(output) or _cache_of(kwargs)
         if context is not None and context.updated and cache is not None:
-            self._sums_by_cache[cache] = context.updated
+            self._state_by_cache[cache] = context.updated
 
     def attach(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         return [

@@ -57,6 +57,20 @@ def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]])
         predicts.append([start - 1 <= i < len(full_ids) - 1 for i in range(len(full_ids))])
         answers += full_ids[start:]
         lengths.append(len(full_ids) - start)
+    return _padded(tokenizer, rows, predicts, answers, lengths)
+
+
+def with_rows(
+    tokenizer: PreTrainedTokenizerBase, batch: TeacherForcedBatch, rows: Sequence[list[int]]
+) -> TeacherForcedBatch:
+    """``batch`` with extra token rows that predict no answer (e.g. prompts whose predictions must not move)."""
+    old = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
+    predicts = [p[: len(ids)].tolist() for p, ids in zip(batch.predicts, old, strict=True)]
+    predicts += [[False] * len(ids) for ids in rows]
+    return _padded(tokenizer, old + list(rows), predicts, batch.answers.tolist(), batch.answer_lengths)
+
+
+def _padded(tokenizer, rows: list[list[int]], predicts: list[list[bool]], answers: list[int], lengths: list[int]):
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -67,6 +81,14 @@ def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]])
         attention_mask[i, : len(ids)] = 1
         predict_mask[i, : len(ids)] = torch.tensor(mask)
     return TeacherForcedBatch(input_ids, attention_mask, predict_mask, torch.tensor(answers), lengths)
+
+
+def token_position(tokenizer: PreTrainedTokenizerBase, text: str, end: int) -> int:
+    """Index of the token of ``tokenizer(text)`` that holds character ``end - 1`` (the last of a span)."""
+    if tokenizer.is_fast:
+        offsets = tokenizer(text, return_offsets_mapping=True).offset_mapping
+        return max(i for i, (start, stop) in enumerate(offsets) if start < end and stop > start)
+    return len(tokenizer(text[:end]).input_ids) - 1
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

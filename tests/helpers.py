@@ -56,9 +56,16 @@ def token_batch(batch: int = 3, length: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
-def give_expert(model, input_ids: torch.Tensor, adapter_name: str | None = None, scale: float = 0.5) -> int:
+def give_expert(
+    model,
+    input_ids: torch.Tensor,
+    adapter_name: str | None = None,
+    scale: float = 0.5,
+    subject_position: int | None = None,
+) -> int:
     """Calibrate routing (first time), add an expert with random non-zero weights, and anchor it to every position
-    of ``input_ids``, so those inputs are routed to it. Returns the expert index."""
+    of ``input_ids``, so those inputs are routed to it; with ``subject_position``, every anchor is gated by the
+    subject key taken at that position of the first sequence. Returns the expert index."""
     tuner = model.base_model
     name = adapter_name or tuner.active_adapters[0]
     layers = tuner.lemoe_layers(name)
@@ -77,7 +84,12 @@ def give_expert(model, input_ids: torch.Tensor, adapter_name: str | None = None,
         key: layer.route_queries(name, layer.pooled_queries(name, *captured[key])).flatten(0, 1)
         for key, layer in layers.items()
     }
-    tuner.add_anchors(expert, keys, adapter_name=name)
+    subjects = gate = None
+    if subject_position is not None:
+        at = slice(subject_position, subject_position + 1)
+        subjects = {key: layer.subject_queries(name, captured[key][0][0, at]) for key, layer in layers.items()}
+        gate = torch.zeros(input_ids.numel(), dtype=torch.long)
+    tuner.add_anchors(expert, keys, adapter_name=name, subjects=subjects, key_subject=gate)
     return expert
 
 

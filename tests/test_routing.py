@@ -4,7 +4,14 @@ import torch
 from peft import get_peft_model
 
 from lemoe_peft import LEMoEConfig
-from lemoe_peft.routing import causal_mean, select_experts, whiten, whitening_statistics
+from lemoe_peft.routing import (
+    causal_mean,
+    select_experts,
+    subject_presence,
+    token_counts,
+    whiten,
+    whitening_statistics,
+)
 
 from .helpers import give_expert, tiny_model, token_batch
 
@@ -84,3 +91,57 @@ def test_left_padded_batch_generation_matches_single_prompts():
         mask[1, :2] = 0
         batched = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False)[0, batch.shape[1] :]
     assert torch.equal(single, batched)
+
+
+def test_subject_presence_is_a_running_max_that_skips_the_first_token_and_padding():
+    scores = torch.tensor([[[0.75], [0.25], [0.5], [0.125]]])  # (B=1, T=4, S=1)
+    valid = torch.tensor([[True, True, True, False]])
+    counts = token_counts(scores, valid)
+    best = subject_presence(scores, counts, valid)
+    assert best[0, :, 0].tolist() == [float("-inf"), 0.25, 0.5, 0.5], "the first token and padding never count"
+    first = subject_presence(scores[:, :2], counts[:, :2], valid[:, :2])
+    rest = subject_presence(scores[:, 2:], counts[:, 2:], valid[:, 2:], prefix=first[:, -1])
+    assert torch.equal(torch.cat([first, rest], dim=1), best), "continuing from a prefix is exact"
+
+
+def _gated_model(subject_position: int):
+    """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject key
+    taken at ``subject_position`` of that sequence."""
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    prompt = token_batch(1, 6, seed=3)
+    with torch.no_grad():
+        continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    give_expert(model, continuation, scale=3.0, subject_position=subject_position)
+    return model, prompt, continuation
+
+
+def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject():
+    model, _, continuation = _gated_model(subject_position=3)
+    tuner = model.base_model
+    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
+        model(input_ids=continuation)
+    ((name, layer),) = tuner.lemoe_layers().items()
+    experts, _ = layer.route_sequences("default", *captured[name])
+    assert (experts[0, :3, 0] == -1).all(), "before the subject is read its anchors are closed"
+    assert (experts[0, 3:, 0] == 0).all(), "from the subject on, the anchors route as before"
+    assert model.peft_config["default"].num_subjects == 1
+
+
+def test_generation_with_a_subject_gate_routes_like_teacher_forcing():
+    model, prompt, _ = _gated_model(subject_position=2)
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
+    assert torch.allclose(torch.cat(out.logits), forced, atol=1e-4)
+
+
+def test_removing_an_expert_keeps_the_other_experts_subject_gates():
+    model, _, continuation = _gated_model(subject_position=3)
+    tuner = model.base_model
+    give_expert(model, token_batch(1, 5, seed=21))  # expert 1, ungated
+    (layer,) = tuner.lemoe_layers().values()
+    tuner.remove_expert(0)
+    assert model.peft_config["default"].num_subjects == 0 and layer.lemoe_subjects["default"].shape[0] == 0
+    assert (layer.lemoe_key_subject["default"] == -1).all() and (layer.lemoe_key_expert["default"] == 0).all()
