@@ -1,5 +1,5 @@
-"""The edit log: which requests each expert holds, when and how they were edited. Saved as ``edit_log.json`` next
-to ``adapter_config.json``, written atomically."""
+"""The edit log: which requests each expert holds, when and how they were edited. It is the ``edit_log`` field of
+``LEMoEConfig``, so it is saved in ``adapter_config.json`` and every PEFT loader keeps it; and atomic JSON writing."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 from .requests import EditRequest
 
-EDIT_LOG_NAME = "edit_log.json"
-EDIT_LOG_FORMAT = "lemoe-edit-log/1"
+LEGACY_EDIT_LOG_NAME = "edit_log.json"
+LEGACY_EDIT_LOG_FORMAT = "lemoe-edit-log/1"
 
 
 def fingerprint(request: EditRequest) -> str:
@@ -46,18 +46,11 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
-def save_edit_log(directory: str | os.PathLike, batches: list[dict[str, Any]]) -> None:
-    write_json_atomic(Path(directory) / EDIT_LOG_NAME, {"format": EDIT_LOG_FORMAT, "batches": batches})
-
-
-def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or data.get("format") != EDIT_LOG_FORMAT or not isinstance(data.get("batches"), list):
-        raise ValueError(f"{source} is not a LEMoE edit log (expected format '{EDIT_LOG_FORMAT}').")
-    for index, batch in enumerate(data["batches"]):
+def check_edit_log(batches: Any, source: str) -> list[dict[str, Any]]:
+    """``batches`` if it is an edit log (a list of batches, each with an expert index and fingerprinted requests)."""
+    if not isinstance(batches, list):
+        raise ValueError(f"{source} is not a LEMoE edit log (a list of edited batches).")
+    for index, batch in enumerate(batches):
         if not (
             isinstance(batch, dict)
             and isinstance(batch.get("expert"), int)
@@ -65,7 +58,18 @@ def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
             and all(isinstance(r, dict) and isinstance(r.get("fingerprint"), str) for r in batch["requests"])
         ):
             raise ValueError(f"{source}: batch {index} needs an 'expert' index and 'requests' with fingerprints.")
-    return data["batches"]
+    return batches
+
+
+def parse_legacy_edit_log(text: str, source: str) -> list[dict[str, Any]]:
+    """The batches of an ``edit_log.json`` file, where adapters saved before the log moved into the config kept it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != LEGACY_EDIT_LOG_FORMAT:
+        raise ValueError(f"{source} is not a LEMoE edit log (expected format '{LEGACY_EDIT_LOG_FORMAT}').")
+    return check_edit_log(data.get("batches"), source)
 
 
 def edited_fingerprints(batches: list[dict[str, Any]]) -> set[str]:

@@ -33,7 +33,7 @@ routed by anchor keys; inputs far from every anchor keep the base model's output
 - Base model: `{base}`
 - Adaptor beside: {targets} in layers {layers}
 - Experts: {config.num_experts} (rank {config.expert_rank}), anchor keys: {config.num_anchors}
-- Edits: {edits} in {len(config.edit_log)} batches (listed in `edit_log.json`)
+- Edits: {edits} in {len(config.edit_log)} batches (listed in the `edit_log` of `adapter_config.json`)
 
 ```python
 import lemoe_peft  # registers the LEMOE adapter type with PEFT

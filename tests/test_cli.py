@@ -60,7 +60,6 @@ def test_edit_then_resume_then_eval_then_inspect(setup, capsys):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
-        "edit_log.json",
     ]
 
     assert main([*edit, "--batch-size", "2", "--no-eval"]) == 0  # the same command again: nothing left to do

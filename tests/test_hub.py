@@ -70,7 +70,7 @@ def _reload_matches(model, remote: Path) -> bool:
 def test_push_to_hub_uploads_a_reloadable_adapter(model, hub):
     model.push_to_hub("user/edits")
     uploaded = sorted(p.name for p in hub.remote.iterdir())
-    assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors", "edit_log.json"]
+    assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert hub.commits == ["Upload model"]
     assert _reload_matches(model, hub.remote)
 
