@@ -99,6 +99,13 @@ def test_a_corrupt_header_is_refused_with_a_clear_message(saved, header):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_refused(saved):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (saved / "adapter" / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match="is corrupt"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
 def test_a_file_missing_a_tensor_is_refused(saved):
     weights = saved / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
