@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +22,21 @@ def fingerprint(request: EditRequest) -> str:
     return hashlib.sha256(payload).hexdigest()[:20]
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` always uses 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``. The file is
+    created with mode 0666 so the kernel applies the umask (as ``open()`` does); the process umask is never touched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(temporary, _new_file_mode())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(data, file, indent=1, ensure_ascii=False)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

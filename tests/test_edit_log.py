@@ -55,3 +55,12 @@ def test_a_folder_saved_with_a_separate_edit_log_file_still_loads_its_history(tm
     batches = [{"expert": 0, "requests": [{"prompt": "p", "target_new": "x", "fingerprint": "f"}]}]
     (tmp_path / "edit_log.json").write_text(json.dumps({"format": "lemoe-edit-log/1", "batches": batches}))
     assert LEMoEConfig.from_pretrained(tmp_path).edit_log == batches
+
+
+def test_writing_never_changes_the_process_umask(tmp_path, monkeypatch):
+    def no_umask(mask):  # os.umask(0) then os.umask(old) races with threads creating files in between
+        raise AssertionError("os.umask was called")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    write_json_atomic(tmp_path / "log.json", [])
+    assert json.loads((tmp_path / "log.json").read_text()) == []
