@@ -199,10 +199,17 @@ class LEMoEModel(BaseTuner):
         """torch calls this before a state dict loads into the tuner (whichever PEFT version does the loading)."""
         self.fit_to_state_dict(state_dict, prefix + "model.{layer}.{field}.{adapter}")
 
-    def fit_to_state_dict(self, state_dict: dict[str, torch.Tensor], key: str = "{layer}.{field}.{adapter}") -> None:
-        """Size an adapter that holds nothing yet to the experts and anchors ``state_dict`` brings; refuse one that
-        holds a different number. ``key`` formats a state-dict key from a layer name, a field and an adapter name."""
-        for name, config in self.peft_config.items():
+    def fit_to_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        key: str = "{layer}.{field}.{adapter}",
+        adapter_names: list[str] | None = None,
+    ) -> None:
+        """Size each adapter (default: all) that holds nothing yet to the experts and anchors ``state_dict`` brings for
+        it; refuse one that holds other numbers. ``key`` formats a state-dict key from a layer, a field and an adapter
+        name."""
+        for name in adapter_names or list(self.peft_config):
+            config = self.peft_config[name]
             counts = _state_dict_counts(state_dict, key, list(self.lemoe_layers(name)), name)
             if counts is None or counts == (config.num_experts, config.num_anchors):
                 continue
@@ -228,7 +235,7 @@ class LEMoEModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         tuner = getattr(model, "base_model", None)
         if isinstance(tuner, LEMoEModel):  # peft >= 0.21 maps the keys to the model's, so size the adapter first
-            tuner.fit_to_state_dict(state_dict, "base_model.model.{layer}.{field}")
+            tuner.fit_to_state_dict(state_dict, "base_model.model.{layer}.{field}", [adapter_name])
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = {
             key: tensor

@@ -218,3 +218,13 @@ def test_two_adapters_made_from_one_config_object_stay_independent(tmp_path):
     model.save_pretrained(tmp_path, selected_adapters=["second"])
     reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "second")
     assert reloaded.peft_config["default"].num_experts == 0
+
+
+def test_loading_a_second_adapter_leaves_the_first_alone(saved):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    give_expert(model, INPUTS)
+    model.load_adapter(saved / "adapter", "second")
+    assert model.peft_config["default"].num_experts == 1 and model.peft_config["second"].num_experts == 2
+    empty = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    empty.load_adapter(saved / "adapter", "second")
+    assert empty.peft_config["default"].num_experts == 0, "an empty adapter is not sized from another's weights"
