@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .editor import EditorSettings, LEMoEEditor
 from .evaluation import evaluate_edits
 from .loaders import FORMATS, load_edit_requests
 
@@ -41,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
     from . import __version__
-    from .editor import EditorSettings
 
     parser = argparse.ArgumentParser(prog="lemoe", description="Lifelong model editing with LEMoE adapters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -77,8 +77,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad arguments before anything is loaded (ValueError: one line, exit code 2)."""
     import torch
 
-    from .editor import EditorSettings
-
     problems = []
     if args.model is not None and args.model.lower() != "smollm2" and not Path(args.model).exists():
         problems.append(f"--model {args.model}: no such model folder or .gguf file (or use 'smollm2')")
@@ -94,7 +92,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if args.checkpoint_every < 1:
             problems.append(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
         try:
-            _settings(args, EditorSettings)
+            _editor_settings(args)
         except ValueError as error:
             problems.append(str(error).removeprefix("Invalid editor setting: ").rstrip("."))
     if args.device is not None:
@@ -106,8 +104,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("; ".join(problems) + ".")
 
 
-def _settings(args: argparse.Namespace, settings_class: type) -> Any:
-    return settings_class(**{field.name: getattr(args, field.name) for field in dataclasses.fields(settings_class)})
+def _editor_settings(args: argparse.Namespace) -> EditorSettings:
+    return EditorSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(EditorSettings)})
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -140,8 +138,9 @@ def _edit(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from . import LEMoEConfig
-    from .editor import EditorSettings, LEMoEEditor
 
+    requests = load_edit_requests(args.data, args.format, args.limit, args.skip_invalid)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(args.out.with_name(args.out.name + ".lock"))  # beside --out: checkpoints swap the folder itself
     try:
         held = lock.acquire(timeout=0)
@@ -149,11 +148,9 @@ def _edit(args: argparse.Namespace) -> None:
         message = f"another `lemoe edit` is writing {args.out} (it holds {lock.lock_file}); wait for it to finish"
         raise ValueError(message) from None
     with held:
-        requests = load_edit_requests(args.data, args.format, args.limit, args.skip_invalid)
         base, tokenizer = _load(args)
         model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
-        settings = _settings(args, EditorSettings)
-        editor = LEMoEEditor(model, tokenizer, **dataclasses.asdict(settings))
+        editor = LEMoEEditor(model, tokenizer, **dataclasses.asdict(_editor_settings(args)))
         report = editor.edit(requests, checkpoint_dir=str(args.out), checkpoint_every=args.checkpoint_every)
     config = model.peft_config["default"]
     print(
