@@ -6,13 +6,15 @@ refused with a message that says what is wrong, instead of a partial load.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
+# what safetensors says when a file ends before its header or its tensors do
+_TRUNCATION_SIGNS = ("incomplete metadata", "header too small", "invalid header length")
 # tensor name -> the leading size the config records for it
 _RECORDED_SIZES = {
     "lemoe_frozen_A": lambda c: max(c.num_experts - 1, 0),
@@ -41,35 +43,15 @@ ROUTING_STATE = (
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The tensor table of a safetensors file, after checking that the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path} is truncated: it is too short to hold a safetensors header.")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > size - 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file (header of {header_length} bytes).")
-        try:
-            header = json.loads(file.read(header_length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is corrupt: its header is not valid JSON ({error}).") from error
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is corrupt: its header is not a table of tensors.")
-    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    for name, info in tensors.items():
-        if not (
-            isinstance(info, dict)
-            and isinstance(info.get("shape"), list)
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-        ):
-            raise ValueError(f"{path} is corrupt: the entry of tensor {name!r} lacks a shape or data offsets.")
-    end = max((info["data_offsets"][1] for info in tensors.values()), default=0)
-    if 8 + header_length + end > size:
-        raise ValueError(f"{path} is truncated: {size} bytes, but its tensors need {8 + header_length + end}.")
-    return tensors
+def read_shapes(path: Path) -> dict[str, list[int]]:
+    """The shape of every tensor in a safetensors file (read from its header, no data loaded); a truncated or corrupt
+    file is refused with a ValueError saying which."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            return {name: file.get_slice(name).get_shape() for name in file.keys()}  # noqa: SIM118 (not a dict)
+    except SafetensorError as error:
+        problem = "truncated" if any(sign in str(error) for sign in _TRUNCATION_SIGNS) else "corrupt"
+        raise ValueError(f"{path} is {problem}: {error}.") from error
 
 
 def check_adapter_file(folder: str | Path, config: Any) -> None:
@@ -77,9 +59,9 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
         return
-    tensors = read_header(path)
+    shapes = read_shapes(path)
     fields_by_layer: dict[str, set[str]] = {}
-    for name in tensors:
+    for name in shapes:
         layer, _, field = name.rpartition(".")
         if field.startswith("lemoe_"):  # other tuners' tensors (a LoRA that LEMoE wraps) may share the file
             fields_by_layer.setdefault(layer, set()).add(field)
@@ -89,9 +71,9 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
         if fields != expected:
             missing, extra = sorted(expected - fields), sorted(fields - expected)
             problems.append(f"{layer} " + (f"lacks {missing}" if missing else f"has unexpected {extra}"))
-    for name, info in tensors.items():
+    for name, shape in shapes.items():
         field = name.rsplit(".", 1)[-1]
-        rows = info["shape"][0] if info["shape"] else None
+        rows = shape[0] if shape else None
         if field in _RECORDED_SIZES and rows != _RECORDED_SIZES[field](config):
             problems.append(f"{name} has {rows} rows, expected {_RECORDED_SIZES[field](config)}")
     if problems:

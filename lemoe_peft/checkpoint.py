@@ -1,9 +1,9 @@
 """Crash-safe checkpoints of a LEMoE adapter folder.
 
-``save_checkpoint`` writes the whole adapter folder (``adapter_config.json``, ``adapter_model.safetensors``,
-``edit_log.json``) into a temporary sibling folder, then swaps it in with renames, so a kill at any moment leaves
-either the previous complete checkpoint or the new one, never a mix. ``restore_checkpoint`` loads a checkpoint into
-a live PEFT model whose adapter holds fewer batches, which is how an interrupted stream resumes.
+``save_checkpoint`` writes the whole adapter folder (``adapter_config.json`` with its edit log,
+``adapter_model.safetensors``) into a temporary sibling folder, then swaps it in with renames, so a kill at any moment
+leaves either the previous complete checkpoint or the new one, never a mix. ``restore_checkpoint`` loads a checkpoint
+into a live PEFT model whose adapter holds fewer batches, which is how an interrupted stream resumes.
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -11,11 +9,9 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 
 from .adapter_file import check_adapter_file
-from .edit_log import EDIT_LOG_NAME, parse_edit_log, save_edit_log
+from .edit_log import LEGACY_EDIT_LOG_NAME, check_edit_log, parse_legacy_edit_log
 from .hub import write_card
 from .registration import LEMOE
-
-logger = logging.getLogger(__name__)
 
 # The FFN output projection of each supported architecture. LEMoE puts its experts beside this projection, so an
 # expert sees the FFN's intermediate activation and adds to the FFN's output: h = FFN(x) + sum_i g_i * E_i(x).
@@ -60,8 +56,9 @@ class LEMoEConfig(PeftConfig):
 
     ``num_experts`` and ``num_anchors`` record how many experts and anchor keys the adaptor holds. They grow with
     :meth:`LEMoEModel.add_expert` / :meth:`LEMoEModel.add_anchors` and are saved, so a reload rebuilds the same shapes.
-    ``edit_log`` (not a config field) holds one record per edited batch; it is saved beside the config as
-    ``edit_log.json`` and read back with it.
+    ``edit_log`` holds one record per edited batch. Like the counts it is a config field, saved in
+    ``adapter_config.json``, so every way PEFT loads a config (``PeftConfig.from_pretrained``, ``PeftModel``,
+    ``AutoPeftModel``, ``load_adapter``) keeps the history, and an editor never re-edits facts the adapter holds.
     """
 
     target_modules: list[str] | str | None = field(
@@ -120,6 +117,11 @@ class LEMoEConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Extra modules to train and save, as in other PEFT methods."}
     )
+    edit_log: list[dict[str, Any]] = field(
+        default_factory=list,
+        repr=False,
+        metadata={"help": "One record per edited batch: its expert, settings and requests (grows with editing)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,26 +131,24 @@ class LEMoEConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
-        self.edit_log: list[dict[str, Any]] = []
+        check_edit_log(self.edit_log, "LEMoEConfig.edit_log")
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         super().save_pretrained(save_directory, **kwargs)
-        save_edit_log(save_directory, self.edit_log)
         write_card(save_directory, self)
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
     ) -> LEMoEConfig:
+        """``PeftConfig.from_pretrained``, and for a local folder: check its weights against the config first."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(folder):
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        if folder.is_dir():
             check_adapter_file(folder, config)
-            path = os.path.join(folder, EDIT_LOG_NAME)
-            text = Path(path).read_text(encoding="utf-8") if os.path.isfile(path) else None
-        else:
-            text = _download_text(pretrained_model_name_or_path, EDIT_LOG_NAME, subfolder, cls._split_kwargs(kwargs)[0])
-        config.edit_log = parse_edit_log(text, EDIT_LOG_NAME) if text is not None else []
+            legacy = folder / LEGACY_EDIT_LOG_NAME
+            if not config.edit_log and legacy.is_file():
+                config.edit_log = parse_legacy_edit_log(legacy.read_text(encoding="utf-8"), str(legacy))
         return config
 
     def _validate(self) -> None:
@@ -182,16 +182,3 @@ class LEMoEConfig(PeftConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"Invalid LEMoEConfig: {message}.")
-
-
-def _download_text(repo_id: str, filename: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> str | None:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        path = hf_hub_download(repo_id, filename, subfolder=subfolder, **hub_kwargs)
-    except EntryNotFoundError:
-        logger.info("%s has no %s: it holds no edit history.", repo_id, filename)
-        return None
-    with open(path, encoding="utf-8") as file:
-        return file.read()

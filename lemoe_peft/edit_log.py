@@ -1,19 +1,19 @@
-"""The edit log: which requests each expert holds, when and how they were edited. Saved as ``edit_log.json`` next
-to ``adapter_config.json``, written atomically."""
+"""The edit log: which requests each expert holds, when and how they were edited. It is the ``edit_log`` field of
+``LEMoEConfig``, so it is saved in ``adapter_config.json`` and every PEFT loader keeps it; and atomic JSON writing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 from .requests import EditRequest
 
-EDIT_LOG_NAME = "edit_log.json"
-EDIT_LOG_FORMAT = "lemoe-edit-log/1"
+LEGACY_EDIT_LOG_NAME = "edit_log.json"
+LEGACY_EDIT_LOG_FORMAT = "lemoe-edit-log/1"
 
 
 def fingerprint(request: EditRequest) -> str:
@@ -22,42 +22,29 @@ def fingerprint(request: EditRequest) -> str:
     return hashlib.sha256(payload).hexdigest()[:20]
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` always uses 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``. The file is
+    created with mode 0666 so the kernel applies the umask (as ``open()`` does); the process umask is never touched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(temporary, _new_file_mode())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(data, file, indent=1, ensure_ascii=False)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
-def save_edit_log(directory: str | os.PathLike, batches: list[dict[str, Any]]) -> None:
-    write_json_atomic(Path(directory) / EDIT_LOG_NAME, {"format": EDIT_LOG_FORMAT, "batches": batches})
-
-
-def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or data.get("format") != EDIT_LOG_FORMAT or not isinstance(data.get("batches"), list):
-        raise ValueError(f"{source} is not a LEMoE edit log (expected format '{EDIT_LOG_FORMAT}').")
-    for index, batch in enumerate(data["batches"]):
+def check_edit_log(batches: Any, source: str) -> list[dict[str, Any]]:
+    """``batches`` if it is an edit log (a list of batches, each with an expert index and fingerprinted requests)."""
+    if not isinstance(batches, list):
+        raise ValueError(f"{source} is not a LEMoE edit log (a list of edited batches).")
+    for index, batch in enumerate(batches):
         if not (
             isinstance(batch, dict)
             and isinstance(batch.get("expert"), int)
@@ -65,7 +52,18 @@ def parse_edit_log(text: str, source: str) -> list[dict[str, Any]]:
             and all(isinstance(r, dict) and isinstance(r.get("fingerprint"), str) for r in batch["requests"])
         ):
             raise ValueError(f"{source}: batch {index} needs an 'expert' index and 'requests' with fingerprints.")
-    return data["batches"]
+    return batches
+
+
+def parse_legacy_edit_log(text: str, source: str) -> list[dict[str, Any]]:
+    """The batches of an ``edit_log.json`` file, where adapters saved before the log moved into the config kept it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or data.get("format") != LEGACY_EDIT_LOG_FORMAT:
+        raise ValueError(f"{source} is not a LEMoE edit log (expected format '{LEGACY_EDIT_LOG_FORMAT}').")
+    return check_edit_log(data.get("batches"), source)
 
 
 def edited_fingerprints(batches: list[dict[str, Any]]) -> set[str]:

@@ -38,16 +38,36 @@ logger = logging.getLogger(__name__)
 class EditorSettings:
     """How edits are trained. The defaults were chosen on SmolLM2-135M with held-out data (see BENCHMARKS.md)."""
 
-    batch_size: int = 10
-    max_steps: int = 60
-    learning_rate: float = 3e-2
-    early_stop_loss: float = 0.02
-    plan_order: bool = True
-    seed: int = 0
-    anchor_threshold: float | None = None  # score an input needs to reach a new anchor; None: the config's default
-    preserve_weight: float = 1.0  # weight of keeping other prompt positions' predictions (0: off)
-    negatives_per_edit: int = 3  # prompts per edit that must not change (see lemoe_peft.negatives; 0: none)
-    negative_continuation: int = 2  # tokens of the unedited model's continuation of each negative also kept
+    batch_size: int = dataclasses.field(default=10, metadata={"help": "Edits per expert (one expert per batch)."})
+    max_steps: int = dataclasses.field(default=60, metadata={"help": "Most optimisation steps per batch."})
+    learning_rate: float = dataclasses.field(default=3e-2, metadata={"help": "Adam learning rate of each expert."})
+    early_stop_loss: float = dataclasses.field(
+        default=0.02, metadata={"help": "Stop training a batch once its loss is below this."}
+    )
+    plan_order: bool = dataclasses.field(
+        default=True, metadata={"help": "Cluster pending edits so related ones share an expert (else arrival order)."}
+    )
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of the planning and of each new expert."})
+    anchor_threshold: float | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Score an input needs to reach a new expert's anchors (default: the config's route_threshold).",
+            "aliases": ["--threshold"],
+        },
+    )
+    preserve_weight: float = dataclasses.field(
+        default=1.0, metadata={"help": "Weight of keeping other prompt positions' predictions (0: off)."}
+    )
+    negatives_per_edit: int = dataclasses.field(
+        default=3,
+        metadata={
+            "help": "Prompts per edit that must not change: its subject in other relations, its prompt with "
+            "another subject (0: none)."
+        },
+    )
+    negative_continuation: int = dataclasses.field(
+        default=2, metadata={"help": "Tokens of the unedited model's continuation of each negative that are kept too."}
+    )
 
     def __post_init__(self) -> None:
         checks = [

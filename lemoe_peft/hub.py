@@ -7,7 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard
+
 CARD_START, CARD_END = "<!-- lemoe:start -->", "<!-- lemoe:end -->"
+CARD_TAGS = ("lemoe", "model-editing")
 
 
 def target_module_names(target_modules: str | list[str] | set[str] | None) -> list[str]:
@@ -33,7 +36,7 @@ routed by anchor keys; inputs far from every anchor keep the base model's output
 - Base model: `{base}`
 - Adaptor beside: {targets} in layers {layers}
 - Experts: {config.num_experts} (rank {config.expert_rank}), anchor keys: {config.num_anchors}
-- Edits: {edits} in {len(config.edit_log)} batches (listed in `edit_log.json`)
+- Edits: {edits} in {len(config.edit_log)} batches (listed in the `edit_log` of `adapter_config.json`)
 
 ```python
 import lemoe_peft  # registers the LEMOE adapter type with PEFT
@@ -41,26 +44,36 @@ from peft import PeftModel
 
 model = PeftModel.from_pretrained(base_model, "<this repository or folder>")
 ```
+
+Without `import lemoe_peft`, PEFT cannot resolve the adapter type and stops with `KeyError: 'LEMOE'`.
 {CARD_END}"""
 
 
 def write_card(directory: str | Path, config: Any) -> None:
-    """Add the LEMoE section to ``README.md`` in ``directory`` (replacing an older one), creating it if needed."""
+    """Write the LEMoE section and metadata (base model, ``library_name: peft``, tags) into the Hugging Face model card
+    ``README.md`` in ``directory``, keeping what else it holds (PEFT's card, an older LEMoE section is replaced)."""
     path = Path(directory) / "README.md"
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    card = ModelCard(path.read_text(encoding="utf-8") if path.is_file() else "---\n---\n")
+    card.data.library_name = "peft"
+    if config.base_model_name_or_path:
+        card.data.base_model = config.base_model_name_or_path
+    card.data.tags = sorted({*(card.data.tags or []), *CARD_TAGS})
+    if config.task_type == "CAUSAL_LM" and not card.data.pipeline_tag:
+        card.data.pipeline_tag = "text-generation"
     section = card_section(config)
     pattern = re.compile(re.escape(CARD_START) + ".*?" + re.escape(CARD_END), re.DOTALL)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text.lstrip(), encoding="utf-8")
+    text = card.text
+    card.text = pattern.sub(lambda _: section, text) if pattern.search(text) else f"{text.rstrip()}\n\n{section}\n"
+    card.save(path)
 
 
 def push_to_hub(
     model: Any, repo_id: str, *, private: bool | None = None, token: str | None = None, **kwargs: Any
 ) -> Any:
-    """Upload ``model``'s adapters with the LEMoE model card.
+    """Upload ``model``'s adapters with the LEMoE model card that ``save_pretrained`` writes.
 
-    ``model.push_to_hub(repo_id)`` uploads the same files, but transformers replaces ``README.md`` with its generic
-    card on the way; this function keeps the card that ``save_pretrained`` wrote.
+    ``model.push_to_hub(repo_id)`` uploads the same files, but transformers uploads the repository's existing card
+    (tagged) instead of the one ``save_pretrained`` wrote, or, on a first push, its generic card.
     """
     from huggingface_hub import HfApi
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +15,11 @@ from torch import nn
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
 from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear
 from .routing import RoutingSession
+
+logger = logging.getLogger(__name__)
+
+_COUNTED = ("lemoe_frozen_A", "lemoe_keys", "lemoe_subjects", "lemoe_A")  # earlier experts, anchors, subjects, newest
+_COUNT_FIELDS = ("num_experts", "num_anchors", "num_subjects")
 
 
 class LEMoEModel(BaseTuner):
@@ -28,9 +35,16 @@ class LEMoEModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     # ------------------------------------------------------------------------------------------------- injection
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # PEFT keeps the config object it was given, but a LEMoE config records what its adapter holds (counts, edit
+        # log): each adapter gets its own copy, so two adapters made from one config object stay independent.
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _pre_injection_hook(self, model: nn.Module, config: LEMoEConfig, adapter_name: str) -> None:
         if hasattr(self, "routing"):
             return
+        self.register_load_state_dict_pre_hook(self._load_state_dict_pre_hook)
         existing = next((m.routing_session for m in model.modules() if isinstance(m, LEMoELayer)), None)
         if existing is not None:  # the model already carries LEMoE layers (a second PeftModel on the same base)
             self.routing, self._routing_hooks = existing, []
@@ -201,10 +215,49 @@ class LEMoEModel(BaseTuner):
             result.update({layers[key]: value for key, value in captured.items()})
 
     # ------------------------------------------------------------------------------------------------ checkpoint
+    def _load_state_dict_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """torch calls this before a state dict loads into the tuner (whichever PEFT version does the loading)."""
+        self.fit_to_state_dict(state_dict, prefix + "model.{layer}.{field}.{adapter}")
+
+    def fit_to_state_dict(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        key: str = "{layer}.{field}.{adapter}",
+        adapter_names: list[str] | None = None,
+    ) -> None:
+        """Size each adapter (default: all) that holds nothing yet to the experts and anchors ``state_dict`` brings for
+        it; refuse one that holds other numbers. ``key`` formats a state-dict key from a layer, a field and an adapter
+        name."""
+        for name in adapter_names or list(self.peft_config):
+            config = self.peft_config[name]
+            counts = _state_dict_counts(state_dict, key, list(self.lemoe_layers(name)), name)
+            held = (config.num_experts, config.num_anchors, config.num_subjects)
+            if counts is None or counts == held:
+                continue
+            wanted = ", ".join(f"{field}={count}" for field, count in zip(_COUNT_FIELDS, counts, strict=True))
+            if any(held):
+                have = ", ".join(f"{field}={count}" for field, count in zip(_COUNT_FIELDS, held, strict=True))
+                raise ValueError(
+                    f"The state dict holds {wanted} for adapter '{name}', which holds {have}; load it into a "
+                    f"fresh adapter or one made with LEMoEConfig({wanted})."
+                )
+            config.num_experts, config.num_anchors, config.num_subjects = counts
+            for layer in self.lemoe_layers(name).values():
+                layer.update_layer(name, config)
+            logger.warning(
+                "Adapter '%s' was sized from a state dict (%s). A state dict holds no edit log (adapter_config.json "
+                "does), so this adapter has none.",
+                name,
+                wanted,
+            )
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LEMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, LEMoEModel):  # peft >= 0.21 maps the keys to the model's, so size the adapter first
+            tuner.fit_to_state_dict(state_dict, "base_model.model.{layer}.{field}", [adapter_name])
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = {
             key: tensor
@@ -225,3 +278,15 @@ class LEMoEModel(BaseTuner):
                 + (f"Shape mismatches: {mismatched[:4]}" if mismatched else "")
             )
         return remapped
+
+
+def _state_dict_counts(
+    state_dict: dict[str, torch.Tensor], key: str, layer_names: list[str], adapter_name: str
+) -> tuple[int, int, int] | None:
+    """(experts, anchors, subjects) that ``state_dict`` holds for ``adapter_name``, read off its first LEMoE layer."""
+    for layer in layer_names:
+        frozen, keys, subjects, newest = (key.format(layer=layer, field=f, adapter=adapter_name) for f in _COUNTED)
+        if frozen in state_dict and keys in state_dict:
+            num_subjects = state_dict[subjects].shape[0] if subjects in state_dict else 0
+            return state_dict[frozen].shape[0] + int(newest in state_dict), state_dict[keys].shape[0], num_subjects
+    return None

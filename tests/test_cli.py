@@ -3,7 +3,11 @@
 import json
 
 import pytest
+import torch
+from filelock import FileLock
 
+import lemoe_peft
+from lemoe_peft import LEMoEConfig
 from lemoe_peft.cli import main
 
 from .helpers import tiny_model, tiny_tokenizer
@@ -60,7 +64,6 @@ def test_edit_then_resume_then_eval_then_inspect(setup, capsys):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
-        "edit_log.json",
     ]
 
     assert main([*edit, "--batch-size", "2", "--no-eval"]) == 0  # the same command again: nothing left to do
@@ -94,3 +97,81 @@ def test_bad_input_gives_a_clear_error_and_exit_code(setup, capsys):
     assert code == 2
     assert "record 0" in capsys.readouterr().err
     assert not (setup / "o").exists(), "nothing is written when the input is refused"
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fails the test if the command gets as far as loading a model."""
+    import lemoe_peft.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(lemoe_peft.models, "load_model_and_tokenizer", refuse)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"lemoe {lemoe_peft.__version__}"
+
+
+def test_edit_help_comes_from_the_editor_settings(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["edit", "--help"])
+    assert exit_.value.code == 0
+    assert "--preserve-weight" in capsys.readouterr().out.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--model", "{tmp}/missing"], "--model {tmp}/missing: no such model folder"),
+        (["--out", "{tmp}/edits.json"], "--out {tmp}/edits.json is a file"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--device", "gpu0"], "--device gpu0 is not a torch device"),
+    ],
+    ids=["model", "out", "limit", "batch-size", "device"],
+)
+def test_bad_arguments_are_refused_before_any_model_loads(setup, capsys, no_model_loads, arguments, message):
+    edit = {"--model": str(setup / "model"), "--data": str(setup / "edits.json"), "--out": str(setup / "out")}
+    edit.update({arguments[0]: arguments[1].format(tmp=setup)})
+    assert main(["edit", *(word for pair in edit.items() for word in pair)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1 and message.format(tmp=setup) in printed.err
+    assert not (setup / "out").exists()
+
+
+def test_inspect_prompt_without_model_is_refused_before_anything_runs(setup, capsys, no_model_loads):
+    LEMoEConfig(task_type="CAUSAL_LM").save_pretrained(setup / "adapter")
+    assert main(["inspect", str(setup / "adapter"), "--prompt", "who wrote hamlet"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == "lemoe inspect: --prompt needs --model (the base model it was made for).\n"
+
+
+def test_edit_loads_the_model_with_the_given_dtype_and_device(setup, monkeypatch):
+    import lemoe_peft.models
+
+    calls = []
+
+    def record(name, dtype=None, device=None):
+        calls.append((dtype, device))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(lemoe_peft.models, "load_model_and_tokenizer", record)
+    edit = ["edit", "--model", str(setup / "model"), "--data", str(setup / "edits.json"), "--out", str(setup / "o")]
+    assert main([*edit, "--dtype", "bfloat16", "--device", "cpu"]) == 2
+    assert calls == [(torch.bfloat16, "cpu")]
+
+
+def test_a_second_edit_on_the_same_out_folder_is_refused(setup, capsys, no_model_loads):
+    (setup / "out").mkdir()
+    (setup / "out" / "adapter_config.json").write_text("{}")
+    edit = ["edit", "--model", str(setup / "model"), "--data", str(setup / "edits.json"), "--out", str(setup / "out")]
+    with FileLock(setup / "out.lock"):  # as a running `lemoe edit` holds it
+        assert main(edit) == 2
+    assert "another `lemoe edit` is writing" in capsys.readouterr().err
+    assert [p.name for p in (setup / "out").iterdir()] == ["adapter_config.json"]
+    assert (setup / "out" / "adapter_config.json").read_text() == "{}"

@@ -149,7 +149,7 @@ def test_a_crash_mid_stream_resumes_without_redoing_or_losing_batches(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         edit(crashed, checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
     monkeypatch.setattr(LEMoEEditor, "edit_batch", original)
-    saved = json.loads((tmp_path / "ckpt" / "edit_log.json").read_text())["batches"]
+    saved = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())["edit_log"]
     assert len(saved) == 2, "both finished batches were saved"
 
     resumed = new_model()  # the same script run again: a fresh model, the same command

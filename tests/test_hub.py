@@ -70,7 +70,7 @@ def _reload_matches(model, remote: Path) -> bool:
 def test_push_to_hub_uploads_a_reloadable_adapter(model, hub):
     model.push_to_hub("user/edits")
     uploaded = sorted(p.name for p in hub.remote.iterdir())
-    assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors", "edit_log.json"]
+    assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert hub.commits == ["Upload model"]
     assert _reload_matches(model, hub.remote)
 
@@ -85,3 +85,24 @@ def test_lemoe_push_to_hub_keeps_the_lemoe_model_card(model, hub):
     assert "library_name: peft" in card
     assert hub.commits == ["Add 2 edits"]
     assert _reload_matches(model, hub.remote)
+
+
+def test_the_card_is_a_hugging_face_model_card_with_metadata(model, tmp_path):
+    model.peft_config["default"].base_model_name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(tmp_path / "model", save_embedding_layers=False)  # no look-up of the base on the Hub
+    model.peft_config["default"].save_pretrained(tmp_path / "config")
+    for folder in ("model", "config"):
+        card = huggingface_hub.ModelCard.load(tmp_path / folder / "README.md")
+        assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert card.data.library_name == "peft" and {"lemoe", "model-editing"} <= set(card.data.tags)
+        assert card.text.count("LEMoE knowledge-edit adapter") == 1 and "KeyError: 'LEMOE'" in card.text
+    assert "- PEFT " in (tmp_path / "model" / "README.md").read_text(), "PEFT's own card lines are kept"
+
+
+def test_model_push_to_hub_keeps_the_card_already_on_the_hub(model, hub, monkeypatch):
+    lemoe_peft.hub.push_to_hub(model, "user/edits")
+    remote_card = lambda cls, repo_id, **kwargs: cls((hub.remote / "README.md").read_text())  # noqa: E731
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(remote_card))
+    model.push_to_hub("user/edits")  # transformers uploads the Hub's card (tagged), not the one save_pretrained wrote
+    card = (hub.remote / "README.md").read_text()
+    assert "LEMoE knowledge-edit adapter" in card and "library_name: peft" in card

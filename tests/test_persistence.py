@@ -1,4 +1,4 @@
-"""Everything an adapter holds lives in adapter_config.json, edit_log.json and adapter_model.safetensors, reloads
+"""Everything an adapter holds lives in adapter_config.json (with its edit log) and adapter_model.safetensors, reloads
 bit-for-bit in a fresh process under any adapter name, and damaged or mismatched files are refused loudly."""
 
 import json
@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, get_peft_model
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -37,7 +38,7 @@ def saved(tmp_path):
 
 def test_adapter_folder_holds_only_json_safetensors_and_the_card(saved):
     files = sorted(p.name for p in (saved / "adapter").iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "edit_log.json"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
     assert config["num_experts"] == 2 and config["num_anchors"] == 2 * INPUTS.numel()
     tensors = load_file(saved / "adapter" / "adapter_model.safetensors")
@@ -98,6 +99,13 @@ def test_a_corrupt_header_is_refused_with_a_clear_message(saved, header):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+def test_a_tensor_whose_bytes_do_not_fit_its_shape_is_refused(saved):
+    header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    (saved / "adapter" / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match="is corrupt"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
 def test_a_file_missing_a_tensor_is_refused(saved):
     weights = saved / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
@@ -121,9 +129,7 @@ def test_checkpoint_mismatch_is_refused_by_the_tuner_for_files_loaded_elsewhere(
     config.num_anchors += 1
     model = get_peft_model(tiny_model(), config)
     state = load_file(saved / "adapter" / "adapter_model.safetensors")
-    from peft.utils import set_peft_model_state_dict
-
-    with pytest.raises((ValueError, RuntimeError), match="does not match|size mismatch"):
+    with pytest.raises((ValueError, RuntimeError), match="holds num_experts=2, num_anchors=54"):
         set_peft_model_state_dict(model, state)
 
 
@@ -150,3 +156,75 @@ def test_bfloat16_base_model_round_trip(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_model().to(torch.bfloat16), tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(INPUTS).logits, edited)
+
+
+def _with_log(saved):
+    """The saved adapter with a real edit log (two batches of one request each)."""
+    log = [{"expert": i, "requests": [{"prompt": f"p{i}", "target_new": "x", "fingerprint": f"f{i}"}]} for i in (0, 1)]
+    config = LEMoEConfig.from_pretrained(saved / "adapter")
+    config.edit_log = log
+    config.save_pretrained(saved / "adapter")
+    return log
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda folder: PeftConfig.from_pretrained(folder),
+        lambda folder: LEMoEConfig.from_pretrained(folder),
+        lambda folder: AutoPeftModelForCausalLM.from_pretrained(folder).peft_config["default"],
+        lambda folder: PeftModel.from_pretrained(tiny_model(), folder).peft_config["default"],
+        lambda folder: _loaded_as_second(folder).peft_config["second"],
+    ],
+    ids=["PeftConfig", "LEMoEConfig", "AutoPeftModel", "PeftModel", "load_adapter"],
+)
+def test_every_way_of_loading_keeps_the_edit_log_and_a_resave_keeps_it(saved, load, tmp_path):
+    log = _with_log(saved)
+    config = load(saved / "adapter")
+    assert config.edit_log == log
+    config.save_pretrained(tmp_path / "again")
+    assert LEMoEConfig.from_pretrained(tmp_path / "again").edit_log == log
+
+
+def _loaded_as_second(folder):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    model.load_adapter(folder, "second")
+    return model
+
+
+def test_a_state_dict_loads_into_a_fresh_adapter(saved):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    set_peft_model_state_dict(model, load_file(saved / "adapter" / "adapter_model.safetensors"))
+    assert model.peft_config["default"].num_experts == 2
+    expected = load_file(saved / "expected.safetensors")
+    with torch.no_grad():
+        assert torch.equal(model(expected["inputs"]).logits, expected["logits"])
+
+
+def test_a_state_dict_that_does_not_fit_a_non_empty_adapter_names_the_counts_to_use(saved):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    give_expert(model, INPUTS)
+    with pytest.raises(ValueError, match=f"num_experts=2, num_anchors={2 * INPUTS.numel()}"):
+        set_peft_model_state_dict(model, load_file(saved / "adapter" / "adapter_model.safetensors"))
+
+
+def test_two_adapters_made_from_one_config_object_stay_independent(tmp_path):
+    config = LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4)
+    model = get_peft_model(tiny_model(), config)
+    model.add_adapter("second", config)  # the same object, as PEFT's own tests do
+    give_expert(model, INPUTS)
+    model.peft_config["default"].edit_log.append({"expert": 0, "requests": []})
+    assert model.peft_config["second"].num_experts == 0 and model.peft_config["second"].edit_log == []
+    model.save_pretrained(tmp_path, selected_adapters=["second"])
+    reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "second")
+    assert reloaded.peft_config["default"].num_experts == 0
+
+
+def test_loading_a_second_adapter_leaves_the_first_alone(saved):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    give_expert(model, INPUTS)
+    model.load_adapter(saved / "adapter", "second")
+    assert model.peft_config["default"].num_experts == 1 and model.peft_config["second"].num_experts == 2
+    empty = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    empty.load_adapter(saved / "adapter", "second")
+    assert empty.peft_config["default"].num_experts == 0, "an empty adapter is not sized from another's weights"
