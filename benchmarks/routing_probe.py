@@ -1,9 +1,10 @@
 """Why LEMoE routes the way it does: routing-only measurements on held-out data (no training).
 
-For each design, anchors are built from edit prompts (+ targets) exactly as the editor builds them, then rephrased
-prompts (which should reach their own edit's expert) and locality prompts (which should reach no expert) are
-routed. Reported per design: the share of rephrase decision positions routed to their own expert (higher is
-better for generality) and of locality decision positions routed to any expert (lower is better for locality).
+For each design, anchors are built from held-out edit prompts (+ targets) at the positions the editor anchors, then
+routed *at the first answer position* (the last prompt token, where generation decides whether the expert fires):
+rephrased prompts, which should reach their own edit's expert, and prompts that should reach none: on KnowEdit's
+ZsRE test split the same subject asked about another relation, on CounterFact's train split the same relation and
+template asked about another subject (its neighbourhood prompts). Experts hold 10 edits each, in arrival order.
 
     python -m benchmarks.routing_probe            # ZsRE test-all (KnowEdit) and CounterFact train, 300 edits each
 """
@@ -11,114 +12,138 @@ better for generality) and of locality decision positions routed to any expert (
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lemoe_peft.editor import calibration_texts
-from lemoe_peft.routing import causal_mean, whiten, whitening_statistics
-from lemoe_peft.teacher_forcing import encode
+from lemoe_peft.negatives import subject_span
+from lemoe_peft.routing import causal_mean, subject_presence, token_counts, whiten, whitening_statistics
+from lemoe_peft.teacher_forcing import encode, token_position
 
 from .data import load_base, requests_for
 
+EXPERT_SIZE = 10
+QUERIES = {"causal mean": 0.0, "mean + last token (1:1)": 0.5, "last token": 1.0}  # weight of the token part
+SUBJECT_GATES = (None, 0.6)
+THRESHOLDS = (0.4, 0.5, 0.6)
+
 
 def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
-    """Per pair: the down_proj input at ``layer`` (T, d) and the mask of positions that predict the answer."""
+    """Per (prompt, answer) pair: the down_proj input at ``layer`` (T, d) and the positions that predict the answer;
+    an answer of None gives the prompt alone (its last position is the decision position)."""
     captured = {}
     module = model.model.layers[layer].mlp.down_proj
     handle = module.register_forward_pre_hook(lambda m, args: captured.__setitem__("x", args[0].detach()))
     rows = []
     try:
         for start in range(0, len(pairs), batch_size):
-            batch = encode(tokenizer, pairs[start : start + batch_size])
+            chunk = pairs[start : start + batch_size]
+            batch = encode(tokenizer, [(p, a or "x") for p, a in chunk])
             with torch.no_grad():
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            for i in range(batch.input_ids.shape[0]):
-                length = int(batch.attention_mask[i].sum())
-                rows.append((captured["x"][i, :length], batch.predicts[i, :length]))
+            for i, (_, answer) in enumerate(chunk):
+                predicts = batch.predicts[i]
+                length = int(batch.attention_mask[i].sum()) if answer else int(predicts.nonzero()[0]) + 1
+                rows.append((captured["x"][i, :length], predicts[:length] if answer else None))
     finally:
         handle.remove()
     return rows
 
 
-def _queries(rows, pooling: str, stats) -> list[torch.Tensor]:
-    out = []
-    for x, predicts in rows:
-        pooled = x[None].float() if pooling == "token" else causal_mean(x[None])[0]
-        out.append(whiten(pooled[0], *stats, normalize=True)[predicts])
-    return out
+class Design:
+    """One routing design on fixed whitening statistics."""
+
+    def __init__(self, stats, token_weight: float, subject_gate: float | None) -> None:
+        self.stats, self.weight, self.gate = stats, token_weight, subject_gate
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d') queries whose dot products are the design's scores."""
+        parts = [(1 - self.weight, causal_mean(x[None])[0][0]), (self.weight, x.float())]
+        return torch.cat([whiten(p, *self.stats, normalize=True) * w**0.5 for w, p in parts if w > 0], dim=-1)
+
+    def presence(self, x: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+        """(T, S) best subject score so far."""
+        scores = whiten(x.float(), *self.stats, normalize=True) @ subjects.T
+        return subject_presence(scores[None], token_counts(x[None], None), None)[0]
 
 
-def probe(dataset: str, edits: int, layers: list[int], threshold: float, cache: Path) -> list[str]:
+def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
     model, tokenizer = load_base(cache)
-    requests = [r for r in requests_for(dataset, edits, tuning=True) if r.rephrase_prompts and r.locality]
-    calibration = [(t, t) for t in calibration_texts()]  # any answer: only the prompt positions are used
+    requests = [r for r in requests_for(dataset, 4 * edits, tuning=True) if r.rephrase_prompts and r.locality][:edits]
+    requests = requests[: len(requests) // EXPERT_SIZE * EXPERT_SIZE]
+    if dataset == "zsre":  # other relations of the same subject: drop the probes that restate the edited question
+        negatives = [(i, p.prompt) for i, r in enumerate(requests) for p in r.locality if p.answer != r.ground_truth]
+        negative_name = "same subject, other relation"
+    else:
+        negatives = [(i, p.prompt) for i, r in enumerate(requests) for p in r.locality]
+        negative_name = "same template, other subject"
+    edit_rows = _layer_inputs(model, tokenizer, [(r.prompt, r.target_new) for r in requests], layer)
+    rephrase_rows = _layer_inputs(model, tokenizer, [(r.rephrase_prompts[0], None) for r in requests], layer)
+    negative_rows = _layer_inputs(model, tokenizer, [(p, None) for _, p in negatives], layer)
+    calibration = _layer_inputs(model, tokenizer, [(t, None) for t in calibration_texts()], layer)
+    stats = whitening_statistics(torch.cat([causal_mean(x[None])[0][0] for x, _ in calibration]), 64)
+    subject_at = []
+    for request in requests:
+        span = subject_span(request)
+        position = None if span is None else token_position(tokenizer, request.prompt.rstrip(), span[1])
+        subject_at.append(position if position is not None and position >= 1 else None)
+    owner = torch.arange(len(requests)) // EXPERT_SIZE
     lines = [
-        f"#### {dataset} (held-out: {len(requests)} edits), threshold {threshold}",
+        f"#### {dataset} (held-out: {len(requests)} edits, layer {layer}), routed at the first answer position",
         "",
-        "| layer | query | whitening | anchors | rephrase -> own expert | locality -> any expert |",
-        "|---:|---|---|---|---:|---:|",
+        f"| query | subject gate | threshold | rephrase -> own expert | {negative_name} -> any expert |",
+        "|---|---|---:|---:|---:|",
     ]
-    for layer in layers:
-        edit_rows = _layer_inputs(model, tokenizer, [(r.prompt, r.target_new) for r in requests], layer)
-        rephrase_rows = _layer_inputs(
-            model, tokenizer, [(r.rephrase_prompts[0], r.target_new) for r in requests], layer
+    for (query_name, weight), gate in itertools.product(QUERIES.items(), SUBJECT_GATES):
+        design = Design(stats, weight, gate)
+        keys, key_owner, key_edit = [], [], []
+        for i, (x, predicts) in enumerate(edit_rows):
+            q = design.query(x)[predicts]
+            keys.append(q)
+            key_owner += [int(owner[i])] * len(q)
+            key_edit += [i] * len(q)
+        keys, key_owner, key_edit = torch.cat(keys), torch.tensor(key_owner), torch.tensor(key_edit)
+        subjects = torch.stack(
+            [
+                whiten(x[p].float(), *stats, normalize=True) if p is not None else torch.zeros(x.shape[1])
+                for (x, _), p in zip(edit_rows, subject_at, strict=True)
+            ]
         )
-        locality_rows = _layer_inputs(
-            model, tokenizer, [(r.locality[0].prompt, r.locality[0].answer) for r in requests], layer
-        )
-        calibration_rows = _layer_inputs(model, tokenizer, calibration, layer)
-        for pooling in ("token", "causal_mean"):
-            for rank in (0, 64):
-                samples = torch.cat(
-                    [x.float() if pooling == "token" else causal_mean(x[None])[0][0] for x, _ in calibration_rows]
-                )
-                stats = whitening_statistics(samples, rank)
-                keys = _queries(edit_rows, pooling, stats)
-                rephrase = _queries(rephrase_rows, pooling, stats)
-                locality = _queries(locality_rows, pooling, stats)
-                for anchors in ("per edit", "batch centroid"):
-                    owner = torch.arange(len(keys)) if anchors == "per edit" else torch.arange(len(keys)) // 10
-                    if anchors == "per edit":
-                        bank = torch.cat(keys)
-                        bank_owner = torch.cat(
-                            [torch.full((len(k),), int(o)) for k, o in zip(keys, owner, strict=True)]
-                        )
-                    else:
-                        groups = owner.max().item() + 1
-                        bank = torch.stack(
-                            [
-                                F.normalize(
-                                    torch.cat([keys[i] for i in range(len(keys)) if owner[i] == g]).mean(0), dim=0
-                                )
-                                for g in range(groups)
-                            ]
-                        )
-                        bank_owner = torch.arange(groups)
-                    hits = [
-                        ((q @ bank.T).max(1).values >= threshold) & (bank_owner[(q @ bank.T).argmax(1)] == owner[i])
-                        for i, q in enumerate(rephrase)
-                    ]
-                    false = [(q @ bank.T).max(1).values >= threshold for q in locality]
-                    lines.append(
-                        f"| {layer} | {pooling} | {'rank 64' if rank else 'centre only'} | {anchors} | "
-                        f"{torch.cat(hits).float().mean():.2f} | {torch.cat(false).float().mean():.2f} |"
-                    )
+        gated = torch.tensor([p is not None for p in subject_at])[key_edit]
+
+        def scores(x: torch.Tensor, design=design, keys=keys, subjects=subjects, gated=gated, key_edit=key_edit):
+            s = design.query(x)[-1] @ keys.T
+            if design.gate is not None:
+                open_ = design.presence(x, subjects)[-1][key_edit] >= design.gate
+                s = s.masked_fill(gated & ~open_, float("-inf"))
+            return s
+
+        rephrase_scores = torch.stack([scores(x) for x, _ in rephrase_rows])
+        negative_scores = torch.stack([scores(x) for x, _ in negative_rows])
+        for threshold in THRESHOLDS:
+            best = rephrase_scores.max(dim=1)
+            own = (best.values >= threshold) & (key_owner[best.indices] == owner)
+            reached = (negative_scores.max(dim=1).values >= threshold).float().mean()
+            lines.append(
+                f"| {query_name} | {gate if gate is not None else 'none'} | {threshold} | "
+                f"{own.float().mean():.2f} | {reached:.2f} |"
+            )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=300)
-    parser.add_argument("--layers", nargs="+", type=int, default=[18, 24])
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "routing_probe.md")
     args = parser.parse_args()
     cache = Path("bench-results") / "cache" / "smollm2-f32"
     lines = []
     for dataset in ("zsre", "counterfact"):
-        lines += probe(dataset, args.edits, args.layers, args.threshold, cache) + [""]
+        lines += probe(dataset, args.edits, args.layer, cache) + [""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 
