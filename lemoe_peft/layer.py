@@ -7,6 +7,10 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 * ``lemoe_keys`` ``(N, d_in)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
   expert owning each, and the score each needs;
 * ``lemoe_route_mean`` / ``lemoe_route_basis`` / ``lemoe_route_scale``: the whitening applied to routing queries.
+
+The stacks that grow with the stream (frozen experts, anchor keys, owners, thresholds) are prefix views of a storage
+with spare rows (:func:`append_rows`), so adding an expert or anchors copies only the new rows: amortized O(1) per
+addition instead of a copy of everything stored. ``state_dict`` and safetensors see only the live rows.
 """
 
 from __future__ import annotations
@@ -64,6 +68,33 @@ def _features(layer: nn.Module) -> tuple[int, int]:
         f"LEMoE can only be put beside nn.Linear or transformers' Conv1D layers, not {type(layer).__name__}; "
         "point `target_modules` at the FFN's output projection."
     )
+
+
+def _spare_rows(buffer: torch.Tensor) -> int:
+    """How many rows the storage behind ``buffer`` holds after ``buffer``'s own (0 unless it is a prefix view)."""
+    row = math.prod(buffer.shape[1:])
+    if row == 0 or buffer.device.type == "meta" or not buffer.is_contiguous():
+        return 0
+    stored = buffer.untyped_storage().nbytes() // buffer.element_size() - buffer.storage_offset()
+    return stored // row - buffer.shape[0]
+
+
+@torch.no_grad()
+def append_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([buffer, rows])`` (same dtype promotion), returned as a prefix view of a storage that doubles when
+    full, so a stream of appends copies each row a constant number of times on average. Only rows past the end of
+    ``buffer`` are written; tensors that alias ``buffer`` keep their values."""
+    count, new = buffer.shape[0], rows.shape[0]
+    dtype = torch.promote_types(buffer.dtype, rows.dtype)
+    if dtype == buffer.dtype and _spare_rows(buffer) >= new:
+        grown = buffer.new_empty(0).set_(
+            buffer.untyped_storage(), buffer.storage_offset(), (count + new, *rows.shape[1:])
+        )
+    else:
+        grown = buffer.new_empty((max(2 * count, count + new), *buffer.shape[1:]), dtype=dtype)[: count + new]
+        grown[:count] = buffer
+    grown[count:] = rows
+    return grown
 
 
 class LEMoELayer(BaseTunerLayer):
@@ -148,8 +179,8 @@ class LEMoELayer(BaseTunerLayer):
         """Freeze the newest expert (if any) and start a new trainable one; return its index."""
         frozen_a, frozen_b = self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name]
         if adapter_name in self.lemoe_A:
-            self.lemoe_frozen_A[adapter_name] = torch.cat([frozen_a, self.lemoe_A[adapter_name].detach()[None]])
-            self.lemoe_frozen_B[adapter_name] = torch.cat([frozen_b, self.lemoe_B[adapter_name].detach()[None]])
+            self.lemoe_frozen_A[adapter_name] = append_rows(frozen_a, self.lemoe_A[adapter_name].detach()[None])
+            self.lemoe_frozen_B[adapter_name] = append_rows(frozen_b, self.lemoe_B[adapter_name].detach()[None])
         like = self.lemoe_frozen_A[adapter_name]
         weight_in, weight_out = self._new_expert(frozen_a.shape[2], init_weights)
         self.lemoe_A[adapter_name] = nn.Parameter(weight_in.to(like))
@@ -186,16 +217,18 @@ class LEMoELayer(BaseTunerLayer):
         if keys.dim() != 2 or keys.shape[1] != old.shape[1]:
             raise ValueError(f"Anchor keys must have shape (n, {old.shape[1]}), got {tuple(keys.shape)}.")
         owners = torch.full((keys.shape[0],), expert, dtype=torch.long, device=old.device)
-        self.lemoe_keys[adapter_name] = torch.cat([old, keys.to(old)])
-        self.lemoe_key_expert[adapter_name] = torch.cat([self.lemoe_key_expert[adapter_name], owners])
+        self.lemoe_keys[adapter_name] = append_rows(old, keys.to(old))
+        self.lemoe_key_expert[adapter_name] = append_rows(self.lemoe_key_expert[adapter_name], owners)
         threshold = threshold.to(old).expand(keys.shape[0])
-        self.lemoe_key_threshold[adapter_name] = torch.cat([self.lemoe_key_threshold[adapter_name], threshold])
+        self.lemoe_key_threshold[adapter_name] = append_rows(self.lemoe_key_threshold[adapter_name], threshold)
 
     def replace_anchors(self, adapter_name: str, expert: int, keys: torch.Tensor, threshold: torch.Tensor) -> None:
         """Swap ``expert``'s anchor keys for ``keys`` (same meaning as in :meth:`add_anchors`)."""
         kept = self.lemoe_key_expert[adapter_name] != expert
+        live = int(kept.sum())
         for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold):
-            store[adapter_name] = store[adapter_name][kept]
+            # the newest expert's keys are the last rows: drop them without copying the others
+            store[adapter_name] = store[adapter_name][:live] if kept[:live].all() else store[adapter_name][kept]
         self.add_anchors(adapter_name, expert, keys, threshold)
 
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
