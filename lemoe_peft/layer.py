@@ -97,6 +97,18 @@ def append_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return grown
 
 
+def offload_execution_device(layer: nn.Module) -> torch.device | None:
+    """The device an offloaded layer (weights on ``meta``, loaded per call by an accelerate hook) computes on."""
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.device.type != "meta":
+        return None
+    hook = getattr(layer, "_hf_hook", None)
+    for part in getattr(hook, "hooks", [hook]):
+        if getattr(part, "execution_device", None) is not None:
+            return torch.device(part.execution_device)
+    return None
+
+
 class LEMoELayer(BaseTunerLayer):
     adapter_layer_names = ("lemoe_A", "lemoe_B")
     other_param_names = (
@@ -151,7 +163,9 @@ class LEMoELayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # PEFT casts float buffers to a half-precision base's dtype (0.18 even integer ones): the routing state keeps
-        # its own dtype (float32 keys and whitening, int64 owners) and only follows the device
+        # its own dtype (float32 keys and whitening, int64 owners) and only follows the device. Beside an offloaded
+        # base layer (weights on meta) the adapter lives on the device the layer computes on.
+        device = device or offload_execution_device(self.get_base_layer())
         routing = {store: getattr(self, store)[adapter_name] for store in ROUTING_STATE}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         for store, tensor in routing.items():

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -62,3 +63,10 @@ def load_model_and_tokenizer(
     if device is not None:
         model.to(device)
     return model.eval(), load_tokenizer(name_or_path)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: the device of its first parameter, or the CPU when that parameter is offloaded to
+    disk (on ``meta``); accelerate's hooks move the inputs of an offloaded module to the device it computes on."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
