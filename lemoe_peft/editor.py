@@ -24,6 +24,7 @@ from .checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from .config import LEMoEConfig
 from .edit_log import edited_fingerprints, fingerprint
 from .model import LEMoEModel
+from .models import input_device
 from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
@@ -144,7 +145,7 @@ class LEMoEEditor:
         self.calibration = list(calibration) if calibration is not None else calibration_texts()
         if not self.calibration:
             raise ValueError("`calibration` needs at least one generic sentence (None: the built-in ones).")
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
 
     @property
     def config(self) -> LEMoEConfig:

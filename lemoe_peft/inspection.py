@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import LEMoEConfig
 from .hub import target_module_names
+from .models import input_device
 
 
 def describe_adapter(config: LEMoEConfig) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def which_expert(
     plus the logged edit that holds this exact prompt, if any."""
     tuner = model.base_model
     name = tuner.resolve_adapter(adapter_name)
-    tokens = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    tokens = tokenizer(prompt, return_tensors="pt").to(input_device(model))
     with tuner.capture_layer_inputs() as captured, model.disable_adapter():
         model(**tokens, use_cache=False)
     layers = {}

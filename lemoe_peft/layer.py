@@ -9,6 +9,10 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 * ``lemoe_subjects`` ``(S, d_in)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
   experts; ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` / ``lemoe_route_basis`` / ``lemoe_route_scale``: the whitening applied to routing queries.
+
+The stacks that grow with the stream (frozen experts, anchor keys, owners, thresholds) are prefix views of a storage
+with spare rows (:func:`append_rows`), so adding an expert or anchors copies only the new rows: amortized O(1) per
+addition instead of a copy of everything stored. ``state_dict`` and safetensors see only the live rows.
 """
 
 from __future__ import annotations
@@ -79,6 +83,45 @@ def _features(layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def _spare_rows(buffer: torch.Tensor) -> int:
+    """How many rows the storage behind ``buffer`` holds after ``buffer``'s own (0 unless it is a prefix view)."""
+    row = math.prod(buffer.shape[1:])
+    if row == 0 or buffer.device.type == "meta" or not buffer.is_contiguous():
+        return 0
+    stored = buffer.untyped_storage().nbytes() // buffer.element_size() - buffer.storage_offset()
+    return stored // row - buffer.shape[0]
+
+
+@torch.no_grad()
+def append_rows(buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([buffer, rows])`` (same dtype promotion), returned as a prefix view of a storage that doubles when
+    full, so a stream of appends copies each row a constant number of times on average. Only rows past the end of
+    ``buffer`` are written; tensors that alias ``buffer`` keep their values."""
+    count, new = buffer.shape[0], rows.shape[0]
+    dtype = torch.promote_types(buffer.dtype, rows.dtype)
+    if dtype == buffer.dtype and _spare_rows(buffer) >= new:
+        grown = buffer.new_empty(0).set_(
+            buffer.untyped_storage(), buffer.storage_offset(), (count + new, *rows.shape[1:])
+        )
+    else:
+        grown = buffer.new_empty((max(2 * count, count + new), *buffer.shape[1:]), dtype=dtype)[: count + new]
+        grown[:count] = buffer
+    grown[count:] = rows
+    return grown
+
+
+def offload_execution_device(layer: nn.Module) -> torch.device | None:
+    """The device an offloaded layer (weights on ``meta``, loaded per call by an accelerate hook) computes on."""
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.device.type != "meta":
+        return None
+    hook = getattr(layer, "_hf_hook", None)
+    for part in getattr(hook, "hooks", [hook]):
+        if getattr(part, "execution_device", None) is not None:
+            return torch.device(part.execution_device)
+    return None
+
+
 class LEMoELayer(BaseTunerLayer):
     adapter_layer_names = ("lemoe_A", "lemoe_B")
     other_param_names = (
@@ -139,7 +182,9 @@ class LEMoELayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         # PEFT casts float buffers to a half-precision base's dtype (0.18 even integer ones): the routing state keeps
-        # its own dtype (float32 keys and whitening, int64 owners) and only follows the device
+        # its own dtype (float32 keys and whitening, int64 owners) and only follows the device. Beside an offloaded
+        # base layer (weights on meta) the adapter lives on the device the layer computes on.
+        device = device or offload_execution_device(self.get_base_layer())
         routing = {store: getattr(self, store)[adapter_name] for store in ROUTING_STATE}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
         for store, tensor in routing.items():
@@ -167,8 +212,8 @@ class LEMoELayer(BaseTunerLayer):
         """Freeze the newest expert (if any) and start a new trainable one; return its index."""
         frozen_a, frozen_b = self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name]
         if adapter_name in self.lemoe_A:
-            self.lemoe_frozen_A[adapter_name] = torch.cat([frozen_a, self.lemoe_A[adapter_name].detach()[None]])
-            self.lemoe_frozen_B[adapter_name] = torch.cat([frozen_b, self.lemoe_B[adapter_name].detach()[None]])
+            self.lemoe_frozen_A[adapter_name] = append_rows(frozen_a, self.lemoe_A[adapter_name].detach()[None])
+            self.lemoe_frozen_B[adapter_name] = append_rows(frozen_b, self.lemoe_B[adapter_name].detach()[None])
         like = self.lemoe_frozen_A[adapter_name]
         weight_in, weight_out = self._new_expert(frozen_a.shape[2], init_weights)
         self.lemoe_A[adapter_name] = nn.Parameter(weight_in.to(like))
@@ -199,14 +244,14 @@ class LEMoELayer(BaseTunerLayer):
     def _drop_anchors(self, adapter_name: str, expert: int) -> int:
         """Delete ``expert``'s anchor keys and subject keys; return the number of anchor keys deleted."""
         kept = self.lemoe_key_expert[adapter_name] != expert
-        for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold, self.lemoe_key_subject):
-            store[adapter_name] = store[adapter_name][kept]
         kept_subjects = self.lemoe_subject_expert[adapter_name] != expert
-        # old subject index -> index after the deletion (a trailing -1 serves ungated anchors)
-        new_index = torch.cat([kept_subjects.long().cumsum(0) - 1, kept_subjects.new_full((1,), -1, dtype=torch.long)])
-        self.lemoe_key_subject[adapter_name] = new_index[self.lemoe_key_subject[adapter_name]]
+        if not _is_prefix(kept_subjects):  # subjects are renumbered: map old indices to new ones (-1 stays -1)
+            new_index = torch.cat([kept_subjects.long().cumsum(0) - 1, kept_subjects.new_full((1,), -1).long()])
+            self.lemoe_key_subject[adapter_name] = new_index[self.lemoe_key_subject[adapter_name]]
+        for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold, self.lemoe_key_subject):
+            store[adapter_name] = _kept_rows(store[adapter_name], kept)
         for store in (self.lemoe_subjects, self.lemoe_subject_expert):
-            store[adapter_name] = store[adapter_name][kept_subjects]
+            store[adapter_name] = _kept_rows(store[adapter_name], kept_subjects)
         return int((~kept).sum())
 
     def add_anchors(
@@ -248,7 +293,7 @@ class LEMoELayer(BaseTunerLayer):
             self.lemoe_subject_expert: torch.full((len(subjects),), expert, dtype=torch.long, device=device),
         }
         for store, rows in growth.items():
-            store[adapter_name] = torch.cat([store[adapter_name], rows])
+            store[adapter_name] = append_rows(store[adapter_name], rows)
 
     def replace_anchors(
         self,
@@ -456,3 +501,13 @@ class LEMoELinear(nn.Module, LEMoELayer):
 
     def __repr__(self) -> str:
         return "lemoe." + super().__repr__()
+
+
+def _is_prefix(kept: torch.Tensor) -> bool:
+    """Whether the kept rows are the leading ones (the removed rows are the last)."""
+    return bool(kept[: int(kept.sum())].all())
+
+
+def _kept_rows(stack: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``stack[kept]``; a view without copying when the removed rows are the last ones (the newest expert's)."""
+    return stack[: int(kept.sum())] if _is_prefix(kept) else stack[kept]

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
-from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear
+from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear, offload_execution_device
 from .routing import RoutingSession
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,13 @@ class LEMoEModel(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         new_module = LEMoELinear(target, adapter_name, config, self.routing)
+        self._replace_module(parent, target_name, new_module, target)
+        if offload_execution_device(target) is not None:
+            # PEFT moved the new adapter to the offloaded base weight's device (meta), which drops its values:
+            # build it again, on the device the layer computes on
+            new_module.update_layer(adapter_name, config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable
-        self._replace_module(parent, target_name, new_module, target)
 
     def _check_merge_allowed(self) -> None:
         raise NotImplementedError(MERGE_REFUSAL)

@@ -7,7 +7,10 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .layer import offload_execution_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,3 +65,13 @@ def load_model_and_tokenizer(
     if device is not None:
         model.to(device)
     return model.eval(), load_tokenizer(name_or_path)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: the device of its first parameter or, when that parameter is offloaded (on
+    ``meta``), the device its layer computes on; accelerate's hooks move each offloaded layer's inputs there."""
+    first = next(model.parameters())
+    if first.device.type != "meta":
+        return first.device
+    owner = next(m for m in model.modules() if any(p is first for p in m.parameters(recurse=False)))
+    return offload_execution_device(owner) or torch.device("cpu")

@@ -12,7 +12,17 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
+
+
+def _rows(output: Any, rows: slice) -> Any:
+    """``rows`` of every batch-first tensor in a recorded layer output (a tensor or a tuple of them)."""
+    if isinstance(output, torch.Tensor):
+        return output[rows]
+    if isinstance(output, tuple | list):
+        return type(output)(_rows(item, rows) for item in output)
+    return output
 
 
 class _Replayed(nn.Module):
@@ -66,13 +76,14 @@ class LowerLayerReplay:
             handle.remove()
 
     @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        """Forward passes inside this context skip the lower layers and reuse the recorded output."""
+    def replay(self, rows: slice = slice(None)) -> Iterator[None]:
+        """Forward passes inside this context skip the lower layers and reuse the recorded output (of the prompts
+        ``rows`` of the recorded batch)."""
         if self._recorded is None:
             yield
             return
         originals = [self.layers[i] for i in range(self.depth)]
-        stub = _Replayed(self._recorded)
+        stub = _Replayed(_rows(self._recorded, rows))
         try:
             for i in range(self.depth):
                 self.layers[i] = stub

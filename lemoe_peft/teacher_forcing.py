@@ -32,6 +32,17 @@ class TeacherForcedBatch:
             self.answer_lengths,
         )
 
+    def rows(self, start: int, stop: int) -> TeacherForcedBatch:
+        """The prompts ``start:stop`` (same padded width, so each row computes exactly as in the whole batch)."""
+        first, last = sum(self.answer_lengths[:start]), sum(self.answer_lengths[:stop])
+        return TeacherForcedBatch(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.predicts[start:stop],
+            self.answers[first:last],
+            self.answer_lengths[start:stop],
+        )
+
 
 def join(prompt: str, answer: str) -> str:
     return f"{prompt.rstrip()} {answer.strip()}"

@@ -24,6 +24,21 @@ class Objective:
     def positions(self) -> torch.Tensor:
         return self.batch.predicts if self.preserve is None else self.batch.predicts | self.preserve
 
+    def split(self, rows: int) -> list[tuple[slice, Objective]]:
+        """The objective of each run of ``rows`` prompts, with the slice of the batch it covers."""
+        size = self.batch.input_ids.shape[0]
+        return [
+            (
+                slice(start, start + rows),
+                Objective(
+                    self.batch.rows(start, start + rows),
+                    None if self.preserve is None else self.preserve[start : start + rows],
+                    self.preserve_weight,
+                ),
+            )
+            for start in range(0, size, rows)
+        ]
+
 
 def fit(
     model: nn.Module,
@@ -33,32 +48,51 @@ def fit(
     max_steps: int,
     learning_rate: float,
     early_stop_loss: float,
-    replay: Callable[[], contextlib.AbstractContextManager] | None = None,
+    replay: Callable[[slice], contextlib.AbstractContextManager] | None = None,
+    rows_per_pass: int = 32,
 ) -> tuple[int, float]:
     """Train ``parameters`` until the target cross-entropy reaches ``early_stop_loss`` or ``max_steps`` updates were
-    made. ``replay`` (a context-manager factory, e.g. ``LowerLayerReplay.replay``) wraps every forward.
+    made. ``replay`` (a context-manager factory taking the rows of the batch, e.g. ``LowerLayerReplay.replay``) wraps
+    every forward. A batch goes through the model ``rows_per_pass`` prompts at a time, accumulating the gradient of
+    the whole batch's loss, so a batch of 1,000 edits needs the activation memory of 32.
     Returns the number of updates and the final target loss."""
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-    positions = objective.positions()
-    is_answer = objective.batch.predicts[positions]
-    reference = None
+    parts = [(rows, part, _Shares(part, objective)) for rows, part in objective.split(rows_per_pass)]
+    references: list[torch.Tensor | None] = [None] * len(parts)
     target_loss = float("inf")
     for step in range(max_steps + 1):
-        with replay() if replay is not None else contextlib.nullcontext():
-            logits = position_logits(model, objective.batch, positions).float()
-        loss = F.cross_entropy(logits[is_answer], objective.batch.answers)
-        target_loss = loss.item()
-        if objective.preserve is not None and objective.preserve.any():
-            log_probs = logits[~is_answer].log_softmax(dim=-1)
-            if reference is None:  # the first forward is the model before this batch's update
-                reference = log_probs.detach()
-            kl = F.kl_div(log_probs, reference, log_target=True, reduction="batchmean")
-            loss = loss + objective.preserve_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        target_loss, loss = 0.0, None
+        for index, (rows, part, shares) in enumerate(parts):
+            if loss is not None:  # every run but the last backpropagates at once, freeing its activations
+                loss.backward()
+            with replay(rows) if replay is not None else contextlib.nullcontext():
+                logits = position_logits(model, part.batch, shares.positions).float()
+            cross_entropy = F.cross_entropy(logits[shares.is_answer], part.batch.answers)
+            target_loss += cross_entropy.item() * shares.answers
+            loss = cross_entropy * shares.answers
+            if part.preserve is not None and part.preserve.any():
+                log_probs = logits[~shares.is_answer].log_softmax(dim=-1)
+                if references[index] is None:  # the first forward is the model before this batch's update
+                    references[index] = log_probs.detach()
+                kl = F.kl_div(log_probs, references[index], log_target=True, reduction="batchmean")
+                loss = loss + objective.preserve_weight * kl * shares.preserved
         if target_loss <= early_stop_loss or step == max_steps:
             return step, target_loss
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return max_steps, target_loss
+
+
+class _Shares:
+    """A part's positions, and its share of the whole batch's answer tokens and preserved positions (the weights
+    that make the sum of the parts' mean losses the whole batch's mean loss; 1.0 for a batch in one part)."""
+
+    def __init__(self, part: Objective, whole: Objective) -> None:
+        self.positions = part.positions()
+        self.is_answer = part.batch.predicts[self.positions]
+        self.answers = self.is_answer.sum().item() / whole.batch.predicts.sum().item()
+        preserved = (whole.positions() & ~whole.batch.predicts).sum().item()
+        self.preserved = (~self.is_answer).sum().item() / max(preserved, 1)
