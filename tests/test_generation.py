@@ -1,6 +1,8 @@
 """Generation-based metrics: greedy cached generate() as users run it. Checked with a tiny Llama whose greedy next
 token is scripted, and batched (left-padded) generation against one prompt at a time, with and without LEMoE."""
 
+import logging
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -148,3 +150,13 @@ def test_batched_left_padded_generation_gives_the_tokens_of_one_prompt_at_a_time
     alone = one_at_a_time(edited)
     assert alone[3] != plain[3], "the expert changes what the anchored prompt generates"
     assert greedy_continuations(edited, TOKENIZER, PROMPTS, budgets, batch_size=16) == alone
+
+
+def test_generating_with_adapters_disabled_or_without_anchors_does_not_warn_about_the_kv_cache(caplog):
+    edited = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    with caplog.at_level(logging.WARNING, logger="lemoe_peft.routing"):
+        greedy_continuations(edited, TOKENIZER, ["paris is in"], [3])  # no anchors yet: no layer routes
+        give_expert(edited, torch.tensor([ids("sky")]))
+        with edited.disable_adapter():
+            greedy_continuations(edited, TOKENIZER, ["paris is in"], [3])
+    assert "did not fill" not in caplog.text
