@@ -68,7 +68,7 @@ def main() -> None:
                 print(f"{dataset} T={T} {method}", flush=True)
                 result = run_one(method, dataset, T, settings, out, cache, args.tuning)
                 results[(dataset, T, method)] = result
-                shown = " ".join(f"{k[:3]} {v:.3f}" for k, v in result["after_stream"].items())
+                shown = " ".join(f"{k.removesuffix('_acc')} {v:.3f}" for k, v in result["after_stream"].items())
                 print(f"    {shown}  {result['seconds_per_edit']:.2f} s/edit", flush=True)
 
     if not args.no_latency and "zsre" in args.dataset and "LEMoE" in args.methods and not args.tuning:

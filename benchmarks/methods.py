@@ -32,6 +32,7 @@ class Method:
 
     name = "method"
     learning_rate: float | None = None  # the method's own, tuned on held-out data; None: the shared setting
+    padding_safe = True  # left-padded batched generation gives the tokens of one prompt at a time
 
     def __init__(self, base: nn.Module, tokenizer, settings: dict[str, Any]) -> None:
         self.base, self.tokenizer = base, tokenizer
@@ -180,6 +181,9 @@ class LEMoELearnedRouter(Method):
 
     name = "LEMoE w/o KV routing"
     learning_rate = 1e-2
+    # its causal-mean router counts padding tokens (so: one prompt at a time) and, under a KV cache, sees only each
+    # generation step's new tokens: its generated answers are what a user of this design would get
+    padding_safe = False
 
     def __init__(self, base, tokenizer, settings) -> None:
         super().__init__(base, tokenizer, settings)

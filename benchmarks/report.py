@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 LABELS = {"rewrite_acc": "Rel", "rephrase_acc": "Gen", "locality_acc": "Loc"}
+# generation-based metrics first: what greedy generate() answers; older results have none ("–")
+FAMILIES = {"generated": ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc"), "teacher-forced": tuple(LABELS)}
 
 
 def _load(out: Path) -> dict[str, list[dict]]:
@@ -16,18 +18,27 @@ def _load(out: Path) -> dict[str, list[dict]]:
     return results
 
 
-def _table(rows: list[dict], key: str) -> list[str]:
+def _cells(metrics: dict[str, float], names: tuple[str, ...]) -> list[str]:
+    """The metrics and their mean (bold), "–" where a result lacks them."""
+    values = [metrics.get(name) for name in names]
+    mean = sum(values) / len(values) if None not in values else None
+    cells = ["–" if v is None else f"{v:.3f}" for v in values]
+    return [*cells, "–" if mean is None else f"**{mean:.3f}**"]
+
+
+def _table(rows: list[dict], key: str, families: tuple[str, ...] = tuple(FAMILIES)) -> list[str]:
+    tag = {"generated": "gen", "teacher-forced": "tf"}
+    metric_headers = [f"{h} ({tag[f]})" for f in families for h in (*LABELS.values(), "mean")]
     lines = [
-        "| method | T | Rel | Gen | Loc | mean | s/edit | peak MB | adapter KB/edit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | T | " + " | ".join(metric_headers) + " | s/edit | peak MB | adapter KB/edit |",
+        "|---|---:|" + "---:|" * len(metric_headers) + "---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["protocol"]["T"], _order(r))):
-        metrics = r[key]
-        mean = sum(metrics.values()) / len(metrics)
+        cells = [cell for family in families for cell in _cells(r[key], FAMILIES[family])]
         lines.append(
             f"| {r['protocol']['method']} | {r['protocol']['T']} | "
-            + " | ".join(f"{metrics.get(m, float('nan')):.3f}" for m in LABELS)
-            + f" | **{mean:.3f}** | {r['seconds_per_edit']:.2f} | {r['peak_memory_mb']:.0f} | "
+            + " | ".join(cells)
+            + f" | {r['seconds_per_edit']:.2f} | {r['peak_memory_mb']:.0f} | "
             f"{r['adapter_bytes_per_edit'] / 1024:.1f} |"
         )
     return lines
@@ -74,13 +85,15 @@ def write(out: Path) -> None:
         lines += [
             f"### {dataset}: {protocol['data'].split(',')[0]}",
             "",
-            "After the whole stream of T edits (the lifelong protocol):",
+            "After the whole stream of T edits (the lifelong protocol). gen: greedy `generate()` answers with the "
+            "target (Rel, Gen) or continues locality prompts as the unedited model does (Loc); tf: teacher-forced "
+            "token accuracy (EasyEdit's metrics):",
             "",
             *_table(rows, "after_stream"),
             "",
-            "Right after each edit's own batch (hides forgetting; for comparison only):",
+            "Right after each edit's own batch (hides forgetting; for comparison only; teacher-forced):",
             "",
-            *_table(rows, "after_each_batch"),
+            *_table(rows, "after_each_batch", ("teacher-forced",)),
             "",
         ]
         _plot(dataset, rows, out / f"{dataset}.png")

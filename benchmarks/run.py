@@ -1,5 +1,6 @@
-"""One benchmark run: a stream of T edits with one method, evaluated right after each batch and after the whole
-stream. Runs in its own process (``python -m benchmarks.run ...``) so its peak memory is its own."""
+"""One benchmark run: a stream of T edits with one method, evaluated right after each batch (teacher-forced metrics
+only, to save time) and after the whole stream (teacher-forced and generation-based metrics). Runs in its own process
+(``python -m benchmarks.run ...``) so its peak memory is its own."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import peft
 import torch
 import transformers
 
-from lemoe_peft import evaluate_edits, locality_reference
+from lemoe_peft import GenerationSettings, evaluate_edits, locality_generation_reference, locality_reference
 from lemoe_peft.edit_log import write_json_atomic
 
 from .data import DATASETS, MODEL_NAME, TUNING, load_base, requests_for
 from .methods import METHODS
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc")
+GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc")
 
 
 def _reference_by_request(base, tokenizer, requests):
@@ -37,6 +39,8 @@ def run(
     base, tokenizer = load_base(cache)
     requests = requests_for(dataset, T, tuning=tuning)
     reference = _reference_by_request(base, tokenizer, requests)
+    generation = GenerationSettings()
+    generation_reference = locality_generation_reference(base, tokenizer, requests, generation)  # before any edit
     position = {id(r): i for i, r in enumerate(requests)}
     method = METHODS[method_name](base, tokenizer, settings)
     batches = method.plan(requests)
@@ -47,7 +51,7 @@ def run(
         method.edit_batch(batch)
         edit_seconds += time.perf_counter() - started
         batch_reference = [t for r in batch for t in reference[position[id(r)]]]
-        right_after.append(evaluate_edits(method.model, tokenizer, batch, reference=batch_reference))
+        right_after.append(evaluate_edits(method.model, tokenizer, batch, reference=batch_reference, generation=False))
 
     protocol = {
         "method": method_name,
@@ -60,7 +64,19 @@ def run(
         "settings": method.settings,
     }
     flat_reference = [t for per_request in reference for t in per_request]
-    final = evaluate_edits(method.model, tokenizer, requests, reference=flat_reference, protocol=protocol)
+    if not method.padding_safe:
+        generation = GenerationSettings(batch_size=1)
+    started = time.perf_counter()
+    final = evaluate_edits(
+        method.model,
+        tokenizer,
+        requests,
+        reference=flat_reference,
+        generation_reference=generation_reference,
+        generation=generation,
+        protocol=protocol,
+    )
+    evaluation_seconds = time.perf_counter() - started
     weights = [len(b) for b in batches]
     after_each = {
         m: sum(w * r[m] for w, r in zip(weights, right_after, strict=True) if m in r) / len(requests)
@@ -71,10 +87,11 @@ def run(
         method.model.save_pretrained(save_adapter)
     return {
         "protocol": final["protocol"],
-        "after_stream": {m: final[m] for m in METRICS if m in final},
+        "after_stream": {m: final[m] for m in (*GENERATION_METRICS, *METRICS) if m in final},
         "after_each_batch": after_each,
         "seconds_per_edit": edit_seconds / len(requests),
         "edit_seconds": edit_seconds,
+        "evaluation_seconds": evaluation_seconds,  # after the stream, both metric families
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "adapter_bytes_per_edit": method.adapter_bytes() / len(requests),
         "batches": len(batches),
@@ -86,7 +103,8 @@ def run(
         },
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "cases": final["cases"],
-        "mean_after_stream": mean(final[m] for m in METRICS if m in final),
+        "mean_after_stream": mean(final[m] for m in METRICS if m in final),  # teacher-forced, as before
+        "mean_gen_after_stream": mean(final[m] for m in GENERATION_METRICS if m in final),
     }
 
 

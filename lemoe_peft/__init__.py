@@ -12,7 +12,8 @@ from .registration import register
 register()
 
 from .editor import EditReport, LEMoEEditor  # noqa: E402  (after registration: the editor uses the tuner)
-from .evaluation import evaluate_edits, locality_reference  # noqa: E402
+from .evaluation import evaluate_edits, locality_generation_reference, locality_reference  # noqa: E402
+from .generation import GenerationSettings  # noqa: E402
 from .loaders import load_edit_requests  # noqa: E402
 from .requests import EditRequest, Probe, RequestError  # noqa: E402
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EditReport",
     "EditRequest",
+    "GenerationSettings",
     "LEMoEConfig",
     "LEMoEEditor",
     "LEMoELayer",
@@ -30,6 +32,7 @@ __all__ = [
     "RequestError",
     "evaluate_edits",
     "load_edit_requests",
+    "locality_generation_reference",
     "locality_reference",
     "__version__",
 ]

@@ -14,10 +14,10 @@ from .evaluation import evaluate_edits
 from .loaders import FORMATS, load_edit_requests
 
 METRIC_LABELS = {
-    "rewrite_acc": "Reliability  (rewrite_acc)",
-    "rephrase_acc": "Generality   (rephrase_acc)",
-    "locality_acc": "Locality     (locality_acc)",
-    "portability_acc": "Portability  (portability_acc)",
+    "rewrite": "Reliability",
+    "rephrase": "Generality",
+    "locality": "Locality",
+    "portability": "Portability",
 }
 
 
@@ -36,6 +36,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="use the first N requests")
     parser.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
     parser.add_argument("--json", type=Path, help="also write the results (per case and means) to this file")
+    parser.add_argument(
+        "--no-generation", action="store_true", help="skip the generation-based metrics (greedy generate())"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,12 +120,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _print_table(title: str, results: dict[str, Any], extra: dict[str, str]) -> None:
+    """Each metric teacher-forced (``<name>_acc``) and generated (``<name>_gen_acc``) side by side."""
     print(f"\n{title}")
-    for metric, label in METRIC_LABELS.items():
-        if metric in results:
-            print(f"  {label:<32} {results[metric]:.3f}")
+    for name, label in METRIC_LABELS.items():
+        if f"{name}_acc" in results:
+            generated = f"   generated {results[f'{name}_gen_acc']:.3f}" if f"{name}_gen_acc" in results else ""
+            print(f"  {label:<13} teacher-forced {results[f'{name}_acc']:.3f}{generated}")
     for label, value in extra.items():
-        print(f"  {label:<32} {value}")
+        print(f"  {label:<13} {value}")
 
 
 def _write_json(path: Path | None, data: dict[str, Any]) -> None:
@@ -165,7 +170,9 @@ def _edit(args: argparse.Namespace) -> None:
         "data": f"{args.data} (first {len(requests)})",
         **{key: value for key, value in vars(editor.settings).items()},
     }
-    results = evaluate_edits(model, tokenizer, requests, protocol=protocol, progress=True)
+    results = evaluate_edits(
+        model, tokenizer, requests, protocol=protocol, generation=not args.no_generation, progress=True
+    )
     _print_table(f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream", results, extra)
     _write_json(args.json, results)
 
@@ -177,7 +184,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     base, tokenizer = _load(args)
     model = PeftModel.from_pretrained(base, str(args.adapter))
     protocol = {"model": args.model, "adapter": str(args.adapter), "data": f"{args.data} (first {len(requests)})"}
-    results = evaluate_edits(model, tokenizer, requests, protocol=protocol, progress=True)
+    results = evaluate_edits(
+        model, tokenizer, requests, protocol=protocol, generation=not args.no_generation, progress=True
+    )
     _print_table(f"{args.adapter} on {args.model}: {len(requests)} requests", results, {})
     _write_json(args.json, results)
 

@@ -6,6 +6,12 @@
   model's argmax prediction equals the unedited model's.
 * Portability ``portability_acc``: teacher-forced token accuracy of each portability answer.
 
+Users do not teacher-force: they read what ``generate()`` answers. Beside each metric above, a generation-based one
+(``rewrite_gen_acc``, ``rephrase_gen_acc``, ``portability_gen_acc``) is the share of prompts whose greedy, cached
+continuation answers with the target (:func:`lemoe_peft.generation.answers_with`; generation stops at EOS, a
+newline, or a few tokens past the target's length), and ``locality_gen_acc`` is the share of locality prompts whose
+first ``locality_tokens`` greedy tokens equal the unedited model's.
+
 Every result carries its protocol (when it was taken, stream length T, and whatever the caller adds: batch size,
 seed, model, data), because numbers taken under different protocols are not comparable.
 """
@@ -23,10 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .generation import GenerationSettings, answer_text, answers_with, greedy_continuations
+from .models import input_device
 from .requests import EditRequest
-from .teacher_forcing import answer_logits, encode
+from .teacher_forcing import answer_logits, encode, split_answer
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc")
+GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc", "portability_gen_acc")
 
 
 @torch.no_grad()
@@ -35,7 +44,7 @@ def predicted_tokens(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each (prompt, answer): the model's argmax tokens at the answer positions and the answer tokens.
     ``progress`` names a progress bar (none when None)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     results = []
     starts = range(0, len(pairs), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or not starts, leave=False):
@@ -58,15 +67,57 @@ def locality_reference(
     return [tokens for tokens, _ in predicted_tokens(model, tokenizer, _locality_pairs(requests))]
 
 
+def locality_generation_reference(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    settings: GenerationSettings | None = None,
+    progress: str | None = None,
+) -> list[list[int]]:
+    """The unedited model's greedy continuation (token ids) of every locality prompt, for ``locality_gen_acc``
+    (compute it before editing a model in place, with the settings the evaluation will use)."""
+    settings = settings or GenerationSettings()
+    prompts = [prompt for prompt, _ in _locality_pairs(requests)]
+    budgets = [settings.locality_tokens] * len(prompts)
+    return greedy_continuations(model, tokenizer, prompts, budgets, batch_size=settings.batch_size, progress=progress)
+
+
+def generated_answer_hits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    settings: GenerationSettings | None = None,
+    progress: str | None = None,
+) -> list[bool]:
+    """For each (prompt, answer): whether the greedy continuation of the prompt answers with ``answer``."""
+    settings = settings or GenerationSettings()
+    budgets = [len(ids) - start + settings.extra_tokens for ids, start in (split_answer(tokenizer, *p) for p in pairs)]
+    prompts = [prompt for prompt, _ in pairs]
+    continuations = greedy_continuations(
+        model, tokenizer, prompts, budgets, stop_at_newline=True, batch_size=settings.batch_size, progress=progress
+    )
+    return [
+        answers_with(answer_text(tokenizer, tokens), answer)
+        for tokens, (_, answer) in zip(continuations, pairs, strict=True)
+    ]
+
+
 @contextlib.contextmanager
 def _adapters_disabled(model: nn.Module) -> Iterator[None]:
     if not hasattr(model, "disable_adapter"):
         raise ValueError(
             "Locality compares against the unedited model: pass `reference=locality_reference(base_model, ...)` "
-            "when the edited model is not a PEFT model."
+            "and `generation_reference=locality_generation_reference(base_model, ...)` (or `generation=False`) when "
+            "the edited model is not a PEFT model."
         )
     with model.disable_adapter():
         yield
+
+
+def _generation_settings(generation: bool | GenerationSettings) -> GenerationSettings | None:
+    if isinstance(generation, GenerationSettings):
+        return generation
+    return GenerationSettings() if generation else None
 
 
 def evaluate_edits(
@@ -75,19 +126,31 @@ def evaluate_edits(
     requests: Sequence[EditRequest],
     *,
     reference: Sequence[torch.Tensor] | None = None,
+    generation_reference: Sequence[Sequence[int]] | None = None,
+    generation: bool | GenerationSettings = True,
     protocol: Mapping[str, Any] | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``requests`` on ``model``: per-case records, the mean of each metric, and the protocol.
 
-    ``reference`` holds the unedited model's locality predictions (:func:`locality_reference`); for a PEFT model it
-    is computed here with the adapters disabled. A metric whose probes are absent from every request is omitted.
+    ``reference`` holds the unedited model's locality predictions (:func:`locality_reference`) and
+    ``generation_reference`` its greedy locality continuations (:func:`locality_generation_reference`); for a PEFT
+    model, a missing one is computed here with the adapters disabled. ``generation=False`` skips the
+    generation-based metrics (they take longer); a :class:`GenerationSettings` configures them. A metric whose
+    probes are absent from every request is omitted.
     """
     model.eval()
-    if reference is None and any(r.locality for r in requests):
+    settings = _generation_settings(generation)
+    has_locality = any(r.locality for r in requests)
+    if has_locality and (reference is None or (settings is not None and generation_reference is None)):
         with _adapters_disabled(model):
-            reference = locality_reference(model, tokenizer, requests)
+            if reference is None:
+                reference = locality_reference(model, tokenizer, requests)
+            if settings is not None and generation_reference is None:
+                generation_reference = locality_generation_reference(
+                    model, tokenizer, requests, settings, "generating locality (unedited)" if progress else None
+                )
 
     def predict(pairs: list[tuple[str, str]], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return predicted_tokens(model, tokenizer, pairs, batch_size, f"scoring {name}" if progress else None)
@@ -95,33 +158,60 @@ def evaluate_edits(
     def accuracies(pairs: list[tuple[str, str]], name: str) -> list[float]:
         return [(p == a).float().mean().item() for p, a in predict(pairs, name)]
 
-    rewrite = accuracies([(r.prompt, r.target_new) for r in requests], "reliability")
-    rephrase = iter(accuracies([(p, r.target_new) for r in requests for p in r.rephrase_prompts], "generality"))
-    portability = iter(accuracies([(p.prompt, p.answer) for r in requests for p in r.portability], "portability"))
-    edited_locality = iter(predict(_locality_pairs(requests), "locality"))
-    base_locality = iter(reference or [])
+    rewrite_pairs = [(r.prompt, r.target_new) for r in requests]
+    rephrase_pairs = [(p, r.target_new) for r in requests for p in r.rephrase_prompts]
+    portability_pairs = [(p.prompt, p.answer) for r in requests for p in r.portability]
+    scores = {
+        "rewrite_acc": iter(accuracies(rewrite_pairs, "reliability")),
+        "rephrase_acc": iter(accuracies(rephrase_pairs, "generality")),
+        "portability_acc": iter(accuracies(portability_pairs, "portability")),
+    }
+    edited_locality = predict(_locality_pairs(requests), "locality")
+    scores["locality_acc"] = iter(
+        (edited[0] == base).float().mean().item() for edited, base in zip(edited_locality, reference or [], strict=True)
+    )
+    if settings is not None:
 
+        def hits(pairs: list[tuple[str, str]], name: str) -> Iterator[float]:
+            label = f"generating {name}" if progress else None
+            return iter(map(float, generated_answer_hits(model, tokenizer, pairs, settings, label)))
+
+        scores["rewrite_gen_acc"] = hits(rewrite_pairs, "reliability")
+        scores["rephrase_gen_acc"] = hits(rephrase_pairs, "generality")
+        scores["portability_gen_acc"] = hits(portability_pairs, "portability")
+        edited_generation = locality_generation_reference(
+            model, tokenizer, requests, settings, "generating locality" if progress else None
+        )
+        scores["locality_gen_acc"] = iter(
+            float(edited == list(base))
+            for edited, base in zip(edited_generation, generation_reference or [], strict=True)
+        )
+
+    probes_per_metric = {
+        "rewrite": lambda r: 1,
+        "rephrase": lambda r: len(r.rephrase_prompts),
+        "locality": lambda r: len(r.locality),
+        "portability": lambda r: len(r.portability),
+    }
     cases = []
-    for request, rewrite_acc in zip(requests, rewrite, strict=True):
-        case: dict[str, Any] = {"prompt": request.prompt, "target_new": request.target_new, "rewrite_acc": rewrite_acc}
-        if request.rephrase_prompts:
-            case["rephrase_acc"] = mean(next(rephrase) for _ in request.rephrase_prompts)
-        if request.locality:
-            agreement = [
-                (next(edited_locality)[0] == next(base_locality)).float().mean().item() for _ in request.locality
-            ]
-            case["locality_acc"] = mean(agreement)
-        if request.portability:
-            case["portability_acc"] = mean(next(portability) for _ in request.portability)
+    for request in requests:
+        case: dict[str, Any] = {"prompt": request.prompt, "target_new": request.target_new}
+        for metric in (*METRICS, *GENERATION_METRICS):
+            count = probes_per_metric[metric.split("_")[0]](request)
+            if metric in scores and count:
+                case[metric] = mean(next(scores[metric]) for _ in range(count))
         cases.append(case)
 
     summary = {
-        metric: mean(c[metric] for c in cases if metric in c) for metric in METRICS if any(metric in c for c in cases)
+        metric: mean(c[metric] for c in cases if metric in c)
+        for metric in (*METRICS, *GENERATION_METRICS)
+        if any(metric in c for c in cases)
     }
     summary["protocol"] = {
         "evaluated": "after_stream",
         "T": len(requests),
         "taken_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generation": settings.describe() if settings is not None else None,
         **(protocol or {}),
     }
     summary["cases"] = cases

@@ -210,7 +210,8 @@ class RoutingSession:
     def after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         context, self.current = self.current, None
         cache = _cache_of(output) or _cache_of(kwargs)
-        if context is not None and cache is not None:  # also when no layer routed (adapters disabled): seen
+        if context is not None and cache is not None:
+            # also when no layer routed (adapters disabled, no anchors yet): the cache is known, not foreign
             self._state_by_cache[cache] = context.updated
 
     def attach(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:

@@ -55,15 +55,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def split_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
+    """The tokens of ``prompt + " " + answer`` and the index of the first answer token."""
+    prompt_ids = tokenizer(prompt.rstrip()).input_ids
+    full_ids = tokenizer(join(prompt, answer)).input_ids
+    start = max(1, _common_prefix(prompt_ids, full_ids))
+    if start >= len(full_ids):
+        raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
+    return full_ids, start
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
     """Tokenize (prompt, answer) pairs for teacher forcing."""
     rows, predicts, answers, lengths = [], [], [], []
     for prompt, answer in pairs:
-        prompt_ids = tokenizer(prompt.rstrip()).input_ids
-        full_ids = tokenizer(join(prompt, answer)).input_ids
-        start = max(1, _common_prefix(prompt_ids, full_ids))
-        if start >= len(full_ids):
-            raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
+        full_ids, start = split_answer(tokenizer, prompt, answer)
         rows.append(full_ids)
         predicts.append([start - 1 <= i < len(full_ids) - 1 for i in range(len(full_ids))])
         answers += full_ids[start:]

@@ -57,9 +57,13 @@ def test_edit_then_resume_then_eval_then_inspect(setup, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "Edited 3 requests in 2 new experts" in printed and "Reliability  (rewrite_acc)" in printed
+    assert "Edited 3 requests in 2 new experts" in printed
     results = json.loads((setup / "r.json").read_text())
     assert results["protocol"]["T"] == 3 and results["protocol"]["batch_size"] == 2
+    assert results["protocol"]["generation"]["decoding"].startswith("greedy")
+    row = f"Reliability   teacher-forced {results['rewrite_acc']:.3f}   generated {results['rewrite_gen_acc']:.3f}"
+    assert row in printed, "both metric families, side by side"
+    assert all("rewrite_gen_acc" in case and "locality_gen_acc" in case for case in results["cases"][:2])
     assert sorted(p.name for p in (setup / "out").iterdir()) == [
         "README.md",
         "adapter_config.json",
@@ -79,11 +83,13 @@ def test_edit_then_resume_then_eval_then_inspect(setup, capsys):
                 str(setup / "out"),
                 "--data",
                 str(setup / "edits.json"),
+                "--no-generation",
             ]
         )
         == 0
     )
-    assert "Locality     (locality_acc)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Locality      teacher-forced" in printed and "generated" not in printed
 
     assert main(["inspect", str(setup / "out")]) == 0
     assert "2 experts" in capsys.readouterr().out

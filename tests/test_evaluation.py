@@ -1,5 +1,6 @@
 """The metrics are EasyEdit's: teacher-forced token accuracy of the answer, and agreement with the unedited model on
-locality probes. Checked against a model whose predictions are known in advance."""
+locality probes. Checked against a model whose predictions are known in advance (it cannot generate: the
+generation-based metrics are checked in test_generation.py)."""
 
 from types import SimpleNamespace
 
@@ -48,7 +49,9 @@ def test_answer_tokens_are_the_tokens_after_the_prompt():
 
 def test_metrics_follow_their_definitions():
     reference = locality_reference(NextId(step=1), TOKENIZER, REQUESTS)
-    results = evaluate_edits(NextId(step=1), TOKENIZER, REQUESTS, reference=reference, protocol={"seed": 3})
+    results = evaluate_edits(
+        NextId(step=1), TOKENIZER, REQUESTS, reference=reference, protocol={"seed": 3}, generation=False
+    )
     assert [case["rewrite_acc"] for case in results["cases"]] == [1.0, 0.5]
     assert results["rewrite_acc"] == 0.75
     assert results["rephrase_acc"] == 0.5 and results["portability_acc"] == 0.5
@@ -60,10 +63,10 @@ def test_metrics_follow_their_definitions():
 
 def test_locality_counts_agreement_with_the_unedited_model_not_the_answer():
     reference = locality_reference(NextId(step=2), TOKENIZER, REQUESTS)
-    results = evaluate_edits(NextId(step=1), TOKENIZER, REQUESTS, reference=reference)
+    results = evaluate_edits(NextId(step=1), TOKENIZER, REQUESTS, reference=reference, generation=False)
     assert results["locality_acc"] == 0.0
 
 
 def test_locality_needs_a_reference_for_models_without_adapters():
     with pytest.raises(ValueError, match="locality_reference"):
-        evaluate_edits(NextId(), TOKENIZER, REQUESTS)
+        evaluate_edits(NextId(), TOKENIZER, REQUESTS, generation=False)

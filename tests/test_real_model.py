@@ -59,6 +59,23 @@ def test_a_stream_of_zsre_edits_is_reliable_and_local(stream):
     assert results["rephrase_acc"] >= 0.7
 
 
+def _answers(continuation: str, target: str) -> bool:
+    text, target = " ".join(continuation.split()), " ".join(target.split())
+    return text == target or (text.startswith(target) and not text[len(target)].isalnum())
+
+
+def test_generation_metrics_agree_with_what_generate_answers(stream):
+    model, tokenizer, requests, _, results, _ = stream
+    assert results["rewrite_gen_acc"] >= 0.9
+    assert results["locality_gen_acc"] >= 0.8
+    for request, case in zip(requests, results["cases"], strict=True):
+        prompt = tokenizer(request.prompt, return_tensors="pt")  # one prompt at a time: no padding
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+        text = tokenizer.decode(out[0, prompt.input_ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+        assert _answers(text, request.target_new) == (case["rewrite_gen_acc"] == 1.0), (request.prompt, text)
+
+
 def test_metrics_are_identical_after_save_and_reload(stream):
     model, tokenizer, requests, _, results, folder = stream
     reloaded = PeftModel.from_pretrained(model.unload(), folder, adapter_name="reloaded")

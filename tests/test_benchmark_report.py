@@ -1,0 +1,29 @@
+"""The benchmark report shows the generation-based metrics first, and still renders results written before they
+existed."""
+
+from benchmarks.report import _table
+
+OLD = {
+    "protocol": {"method": "FT-L", "T": 10},
+    "after_stream": {"rewrite_acc": 1.0, "rephrase_acc": 0.5, "locality_acc": 0.75},
+    "seconds_per_edit": 1.0,
+    "peak_memory_mb": 900,
+    "adapter_bytes_per_edit": 2048,
+}
+NEW = {
+    **OLD,
+    "protocol": {"method": "LEMoE", "T": 10},
+    "after_stream": {**OLD["after_stream"], "rewrite_gen_acc": 0.9, "rephrase_gen_acc": 0.6, "locality_gen_acc": 0.3},
+}
+
+
+def test_tables_show_generated_then_teacher_forced_metrics_and_a_dash_where_a_result_has_none():
+    header, _, lemoe, ft_l = _table([OLD, NEW], "after_stream")
+    assert header.index("Rel (gen)") < header.index("mean (gen)") < header.index("Rel (tf)")
+    assert "| LEMoE | 10 | 0.900 | 0.600 | 0.300 | **0.600** | 1.000 | 0.500 | 0.750 | **0.750** |" in lemoe
+    assert "| FT-L | 10 | – | – | – | – | 1.000 | 0.500 | 0.750 | **0.750** |" in ft_l
+
+
+def test_the_right_after_each_batch_table_can_show_teacher_forced_metrics_only():
+    header, _, row = _table([{**OLD, "after_each_batch": OLD["after_stream"]}], "after_each_batch", ("teacher-forced",))
+    assert "(gen)" not in header and row == "| FT-L | 10 | 1.000 | 0.500 | 0.750 | **0.750** | 1.00 | 900 | 2.0 |"
