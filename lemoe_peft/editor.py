@@ -29,7 +29,7 @@ from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .teacher_forcing import TeacherForcedBatch, answer_logits, encode, token_position, with_rows
+from .teacher_forcing import TeacherForcedBatch, answer_logits, encode, token_position, token_rows, with_rows
 from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
@@ -260,26 +260,29 @@ class LEMoEEditor:
     def _with_negatives(
         self, expert: int, requests: Sequence[EditRequest], batch: TeacherForcedBatch
     ) -> TeacherForcedBatch:
-        """``batch`` plus the negative prompts (:mod:`lemoe_peft.negatives`) that the new expert's anchors reach,
-        each followed by the unedited model's greedy continuation."""
+        """``batch`` plus the negative prompts (:mod:`lemoe_peft.negatives`) that the new expert's anchors reach
+        most (at most one per request), each followed by the unedited model's greedy continuation."""
         settings = self.settings
         prompts = negative_prompts(requests, settings.negatives_per_edit, settings.seed + expert)
         if not prompts or settings.preserve_weight == 0:
             return batch
         rows = [self.tokenizer(p).input_ids for p in prompts]
-        with self.model.disable_adapter():
-            for _ in range(settings.negative_continuation):
-                tokens = with_rows(self.tokenizer, batch, rows).to(self.device)
-                logits = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).logits
-                last = tokens.attention_mask.sum(dim=1) - 1
-                following = logits[torch.arange(len(last)), last].argmax(dim=-1)[len(requests) :].tolist()
-                rows = [ids + [token] for ids, token in zip(rows, following, strict=True)]
-        candidates = with_rows(self.tokenizer, batch, rows).to(self.device)
+        candidates = token_rows(self.tokenizer, rows).to(self.device)
         with self.tuner.capture_layer_inputs() as captured:
             self.model(input_ids=candidates.input_ids, attention_mask=candidates.attention_mask, use_cache=False)
-        reached = self._routed_to(expert, candidates, captured).any(dim=1)[len(requests) :]
-        kept = [ids for ids, hit in zip(rows, reached.tolist(), strict=True) if hit]
-        return with_rows(self.tokenizer, batch, kept).to(self.device) if kept else batch
+        reached = self._routed_to(expert, candidates, captured).sum(dim=1)
+        order = sorted((i for i in range(len(rows)) if reached[i] > 0), key=lambda i: -int(reached[i]))
+        rows = [rows[i] for i in sorted(order[: len(requests)])]
+        if not rows:
+            return batch
+        with self.model.disable_adapter():
+            for _ in range(settings.negative_continuation):
+                tokens = token_rows(self.tokenizer, rows).to(self.device)
+                logits = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
+                last = tokens.attention_mask.sum(dim=1) - 1
+                following = logits.logits[torch.arange(len(rows)), last].argmax(dim=-1).tolist()
+                rows = [ids + [token] for ids, token in zip(rows, following, strict=True)]
+        return with_rows(self.tokenizer, batch, rows).to(self.device)
 
     def _routed_to(self, expert: int, batch: TeacherForcedBatch, captured: dict) -> torch.Tensor:
         """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""

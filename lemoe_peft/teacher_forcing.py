@@ -87,6 +87,11 @@ def with_rows(
     return _padded(tokenizer, old + list(rows), predicts, batch.answers.tolist(), batch.answer_lengths)
 
 
+def token_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]]) -> TeacherForcedBatch:
+    """Right-padded token rows that predict no answer."""
+    return _padded(tokenizer, list(rows), [[False] * len(ids) for ids in rows], [], [])
+
+
 def _padded(tokenizer, rows: list[list[int]], predicts: list[list[bool]], answers: list[int], lengths: list[int]):
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
