@@ -87,3 +87,34 @@ def test_trainer_trains_only_the_newest_expert(tmp_path):
     assert torch.equal(layer.lemoe_frozen_B["default"], frozen_before), "earlier experts stay frozen"
     assert torch.equal(layer.base_layer.weight, base_before), "the base model stays frozen"
     assert model(input_ids=INPUTS, labels=INPUTS).loss.item() < loss_before
+
+
+def _expert_gradients(model, padding_side, checkpointing):
+    if checkpointing is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    model.train()
+    ids = token_batch(3, 9, seed=4)
+    mask = torch.ones_like(ids)
+    pads = slice(0, 4) if padding_side == "left" else slice(5, None)
+    mask[0, pads] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout in every run
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    layer = next(iter(model.base_model.lemoe_layers().values()))
+    return [t.grad.clone() for t in layer.newest_expert("default")]
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_expert_gradients(model_type, padding_side, reentrant):
+    model = get_peft_model(tiny_model(model_type), LEMoEConfig(task_type="CAUSAL_LM"))
+    give_expert(model, token_batch(3, 9, seed=4))
+    expected = _expert_gradients(model, padding_side, None)
+    assert all(g.abs().sum() > 0 for g in expected)
+    for got, want in zip(_expert_gradients(model, padding_side, reentrant), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
