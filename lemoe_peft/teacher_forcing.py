@@ -44,22 +44,32 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
+    """The token ids of ``prompt + " " + answer`` and the index of the first answer token."""
+    prompt_ids = tokenizer(prompt.rstrip()).input_ids
+    full_ids = tokenizer(join(prompt, answer)).input_ids
+    start = max(1, _common_prefix(prompt_ids, full_ids))
+    if start >= len(full_ids):
+        raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
+    return full_ids, start
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
     """Tokenize (prompt, answer) pairs for teacher forcing."""
     rows, predicts, answers, lengths = [], [], [], []
     for prompt, answer in pairs:
-        prompt_ids = tokenizer(prompt.rstrip()).input_ids
-        full_ids = tokenizer(join(prompt, answer)).input_ids
-        start = max(1, _common_prefix(prompt_ids, full_ids))
-        if start >= len(full_ids):
-            raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
+        full_ids, start = encode_pair(tokenizer, prompt, answer)
         rows.append(full_ids)
         predicts.append([start - 1 <= i < len(full_ids) - 1 for i in range(len(full_ids))])
         answers += full_ids[start:]
         lengths.append(len(full_ids) - start)
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     predict_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (ids, mask) in enumerate(zip(rows, predicts, strict=True)):
