@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from lemoe_peft import LEMoEConfig
@@ -37,7 +38,7 @@ def test_lemoe_beside_a_live_lora_adapter_on_the_same_ffn(tmp_path):
     lora_config = LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     with_lora = inject_adapter_in_model(lora_config, tiny_model())
     lora_only = _logits(with_lora)
-    model = get_peft_model(with_lora, LEMoEConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(with_lora, LEMoEConfig(task_type="CAUSAL_LM"), adapter_name="edits")
     layer = model.base_model.lemoe_layers()["model.layers.3.mlp.down_proj"]
     assert type(layer.base_layer).__module__.startswith("peft.tuners.lora"), "LEMoE wraps the LoRA layer"
     assert torch.equal(_logits(model), lora_only), "without experts the LoRA model is unchanged"
@@ -46,10 +47,10 @@ def test_lemoe_beside_a_live_lora_adapter_on_the_same_ffn(tmp_path):
     assert not torch.allclose(edited, lora_only)
     with model.disable_adapter():  # PEFT disables every tuner layer in the model, LoRA's too
         assert torch.equal(_logits(model), _logits(tiny_model()))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, selected_adapters=["edits"])
     torch.manual_seed(0)
     fresh = inject_adapter_in_model(lora_config, tiny_model())
-    assert torch.equal(_logits(PeftModel.from_pretrained(fresh, tmp_path)), edited)
+    assert torch.equal(_logits(PeftModel.from_pretrained(fresh, tmp_path / "edits", adapter_name="edits")), edited)
 
 
 class _Sequences(torch.utils.data.Dataset):
@@ -118,3 +119,34 @@ def test_gradient_checkpointing_gives_the_same_expert_gradients(model_type, padd
     assert all(g.abs().sum() > 0 for g in expected)
     for got, want in zip(_expert_gradients(model, padding_side, reentrant), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to modify a model with PEFT for a second time")
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_lora_then_lemoe_save_separate_adapters_that_reload_in_either_order(tmp_path, caplog):
+    lora = get_peft_model(tiny_model(), LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")  # before LEMoE wraps its layers (LoRA would save the wrapped names)
+    with pytest.raises(ValueError, match="another name"):  # it would overwrite the LoRA's config
+        get_peft_model(lora.get_base_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    with caplog.at_level("WARNING", logger="lemoe_peft"):
+        model = get_peft_model(lora.get_base_model(), LEMoEConfig(task_type="CAUSAL_LM"), adapter_name="edits")
+    assert "LEMoE froze" in caplog.text, "a still-trainable LoRA is frozen, with a warning"
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    give_expert(model, INPUTS)
+    edited = _logits(model)
+    model.save_pretrained(tmp_path / "lemoe", selected_adapters=["edits"])
+    lemoe_keys = set(load_file(tmp_path / "lemoe" / "edits" / "adapter_model.safetensors"))
+    assert all(".lemoe_" in key for key in lemoe_keys), "the LEMoE file holds LEMoE tensors only"
+    assert all("lora_" in key for key in load_file(tmp_path / "lora" / "adapter_model.safetensors"))
+
+    lora_first = PeftModel.from_pretrained(tiny_model(), tmp_path / "lora").get_base_model()
+    assert torch.equal(
+        _logits(PeftModel.from_pretrained(lora_first, tmp_path / "lemoe" / "edits", adapter_name="edits")), edited
+    )
+    lemoe_first = PeftModel.from_pretrained(tiny_model(), tmp_path / "lemoe" / "edits", adapter_name="edits")
+    PeftModel.from_pretrained(lemoe_first.get_base_model(), tmp_path / "lora")  # LoRA wraps the LEMoE layer
+    torch.testing.assert_close(_logits(lemoe_first), edited)
+    lemoe_first.save_pretrained(tmp_path / "again", selected_adapters=["edits"])
+    assert set(load_file(tmp_path / "again" / "edits" / "adapter_model.safetensors")) == lemoe_keys, (
+        "LEMoE keys stay valid"
+    )
