@@ -1,15 +1,21 @@
 """Training an expert with any loop: open_expert / close_expert around transformers' Trainer on EditDataset and
 EditCollator, the same pieces the editor uses."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from lemoe_peft import EditCollator, EditDataset, LEMoEConfig, LEMoEEditor, evaluate_edits
 from lemoe_peft.teacher_forcing import encode
 
-from .helpers import tiny_model, tiny_tokenizer
+from .helpers import PROJECT_ROOT, tiny_model, tiny_tokenizer
 from .test_editor import CALIBRATION, REQUESTS
 
 
@@ -74,3 +80,36 @@ def test_open_and_close_must_alternate():
     editor.open_expert(REQUESTS[:1])
     with pytest.raises(RuntimeError, match="still open"):
         editor.open_expert(REQUESTS[1:2])
+
+
+def test_two_processes_train_one_expert_to_identical_weights(tmp_path):
+    """Two CPU processes (torchrun, gloo; Trainer distributes through accelerate): gradients are all-reduced, so every
+    rank ends with the same expert."""
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(PROJECT_ROOT / "tests" / "distributed_expert.py"), str(tmp_path)]
+    subprocess.run(command, check=True, env=environment, cwd=PROJECT_ROOT, timeout=300)
+    first, second = (load_file(tmp_path / f"rank{rank}-of-2.safetensors") for rank in (0, 1))
+    assert first["B"].abs().sum() > 0, "the expert trained (it starts at zero output)"
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_the_finetune_and_edit_example_runs_on_a_tiny_model(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "facts.json"
+    data.write_text(json.dumps([{"prompt": r.prompt, "target_new": r.target_new} for r in REQUESTS[:3]]))
+    sys.path.insert(0, str(PROJECT_ROOT / "examples"))
+    try:
+        from finetune_and_edit import main
+    finally:
+        sys.path.pop(0)
+    for keep_lora in (False, True):
+        out = tmp_path / f"run-{keep_lora}"
+        argv = ["--model", str(model_dir), "--data", str(data), "--out", str(out), "--finetune-steps", "2"]
+        metrics = main(argv + ["--keep-lora"] * keep_lora)
+        assert metrics["rewrite_acc"] == 1.0
+        assert (out / "lora" / "adapter_model.safetensors").exists()
+        lemoe_file = out / "lemoe" / ("edits" if keep_lora else "") / "adapter_model.safetensors"
+        assert all(".lemoe_" in key for key in load_file(lemoe_file))
