@@ -18,6 +18,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 
 from lemoe_peft import LEMoEConfig
 
@@ -98,6 +99,8 @@ def _peft_tests() -> Path | None:
 
 
 def _tester_class() -> type:
+    if not hasattr(BaseTuner, "_get_adapter_state_dict"):
+        pytest.skip(f"the conformance cases were chosen against peft 0.21's test suite, not {peft.__version__}'s")
     folder = _peft_tests()
     if folder is None:
         pytest.skip(f"peft {peft.__version__}'s test suite could not be downloaded (offline?); set LEMOE_PEFT_TESTS")
