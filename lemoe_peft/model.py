@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
@@ -38,7 +38,8 @@ class LEMoEModel(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         other = getattr(model, "peft_config", {}).get(adapter_name)
-        if other is not None and not isinstance(other, LEMoEConfig):
+        live = any(isinstance(m, BaseTunerLayer) and not isinstance(m, LEMoELayer) for m in model.modules())
+        if other is not None and not isinstance(other, LEMoEConfig) and live:  # (peft 0.18 keeps merged configs)
             raise ValueError(
                 f"The model already carries a {other.peft_type} adapter named '{adapter_name}'. Stacked PEFT models "
                 "share one table of adapters, so LEMoE would replace its config: give LEMoE another name, e.g. "

@@ -131,8 +131,9 @@ def test_lora_then_lemoe_save_separate_adapters_that_reload_in_either_order(tmp_
         get_peft_model(lora.get_base_model(), LEMoEConfig(task_type="CAUSAL_LM"))
     with caplog.at_level("WARNING", logger="lemoe_peft"):
         model = get_peft_model(lora.get_base_model(), LEMoEConfig(task_type="CAUSAL_LM"), adapter_name="edits")
-    assert "LEMoE froze" in caplog.text, "a still-trainable LoRA is frozen, with a warning"
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n), "the LoRA is frozen"
+    stacked_layers_keep_trainability = hasattr(BaseTuner, "_get_adapter_state_dict")  # peft >= 0.21
+    assert ("LEMoE froze" in caplog.text) == stacked_layers_keep_trainability, "LEMoE says when it freezes it"
     give_expert(model, INPUTS)
     edited = _logits(model)
     model.save_pretrained(tmp_path / "lemoe", selected_adapters=["edits"])
