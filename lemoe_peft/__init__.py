@@ -11,6 +11,7 @@ from .registration import register
 
 register()
 
+from .data import EditCollator, EditDataset  # noqa: E402
 from .editor import EditReport, LEMoEEditor  # noqa: E402  (after registration: the editor uses the tuner)
 from .evaluation import evaluate_edits, locality_generation_reference, locality_reference  # noqa: E402
 from .generation import GenerationSettings  # noqa: E402
@@ -20,6 +21,8 @@ from .requests import EditRequest, Probe, RequestError  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "EditCollator",
+    "EditDataset",
     "EditReport",
     "EditRequest",
     "GenerationSettings",

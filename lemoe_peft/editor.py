@@ -102,6 +102,18 @@ class EditReport:
         return self.seconds / max(self.num_edits, 1)
 
 
+@dataclasses.dataclass
+class _OpenExpert:
+    """An expert between :meth:`LEMoEEditor.open_expert` and :meth:`LEMoEEditor.close_expert`."""
+
+    expert: int
+    requests: list[EditRequest]
+    batch: TeacherForcedBatch
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # each LEMoE layer's input before training
+    replay: LowerLayerReplay
+    started: float
+
+
 def calibration_texts() -> list[str]:
     """Generic sentences (written for this package, disjoint from every evaluation set) that calibrate routing."""
     text = resources.files("lemoe_peft").joinpath("resources/calibration.txt").read_text(encoding="utf-8")
@@ -146,6 +158,7 @@ class LEMoEEditor:
         if not self.calibration:
             raise ValueError("`calibration` needs at least one generic sentence (None: the built-in ones).")
         self.device = input_device(model)
+        self._open: _OpenExpert | None = None
 
     @property
     def config(self) -> LEMoEConfig:
@@ -209,7 +222,33 @@ class LEMoEEditor:
     # -------------------------------------------------------------------------------------------------- one batch
     def edit_batch(self, requests: Sequence[EditRequest]) -> dict[str, Any]:
         """Insert an expert for ``requests``, give it anchors, train it, freeze it; return the edit-log record."""
+        expert = self.open_expert(requests)
+        opened = self._opened()
+        preserve = self._preserved_positions(expert, opened.batch, opened.captured)
+        steps, loss = fit(
+            self.model,
+            self.trainable_tensors(),
+            Objective(opened.batch, preserve, self.settings.preserve_weight),
+            max_steps=self.settings.max_steps,
+            learning_rate=self.settings.learning_rate,
+            early_stop_loss=self.settings.early_stop_loss,
+            replay=opened.replay.replay,
+        )
+        return self.close_expert(steps=steps, final_loss=round(loss, 5))
+
+    def open_expert(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> int:
+        """Start editing ``requests`` into a new expert and return its index: calibrate routing if it is not yet,
+        insert a trainable expert (freezing the earlier ones) and give it anchor keys from the requests' own routing
+        queries (gated by their subjects). Train it with any loop (e.g. transformers' ``Trainer`` on
+        :class:`lemoe_peft.data.EditDataset`), then call :meth:`close_expert`. :meth:`edit_batch` does all three
+        and also trains the expert to leave negative prompts alone (:mod:`lemoe_peft.negatives`)."""
+        if self._open is not None:
+            raise RuntimeError(f"Expert {self._open.expert} is still open: call close_expert() first.")
+        requests = [as_request(r) for r in requests]
+        if not requests:
+            raise ValueError("open_expert needs at least one edit request.")
         started = time.perf_counter()
+        self.ensure_calibrated()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.settings.seed + self.config.num_experts)
             expert = self.tuner.add_expert(self.adapter)
@@ -229,32 +268,37 @@ class LEMoEEditor:
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
-        parameters = self.trainable_tensors()
-        objective = Objective(batch, self._preserved_positions(expert, batch, captured), self.settings.preserve_weight)
-        steps, loss = fit(
-            self.model,
-            parameters,
-            objective,
-            max_steps=self.settings.max_steps,
-            learning_rate=self.settings.learning_rate,
-            early_stop_loss=self.settings.early_stop_loss,
-            replay=replay.replay,
-        )
-        for parameter in parameters:
-            parameter.requires_grad_(False)
-        if len(layers) > 1:
-            self._refresh_upper_anchors(expert, requests)
+        for tensor in self.trainable_tensors():
+            tensor.requires_grad_(True)
+        self._open = _OpenExpert(expert, requests, batch, captured, replay, started)
+        return expert
+
+    def close_expert(self, **details: Any) -> dict[str, Any]:
+        """Finish the expert :meth:`open_expert` started: freeze it, take the anchors of upper LEMoE layers again
+        (their inputs changed), and append its record to the adapter's edit log, with ``details`` (e.g. ``steps``,
+        ``final_loss``) in it. Returns the record."""
+        opened = self._opened()
+        for tensor in self.trainable_tensors():
+            tensor.requires_grad_(False)
+        self.model.eval()
+        if len(self.tuner.lemoe_layers(self.adapter)) > 1:
+            self._refresh_upper_anchors(opened.expert, opened.requests)
         record = {
-            "expert": expert,
+            "expert": opened.expert,
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.perf_counter() - started, 3),
-            "steps": steps,
-            "final_loss": round(loss, 5),
+            "seconds": round(time.perf_counter() - opened.started, 3),
+            **details,
             "settings": dataclasses.asdict(self.settings),
-            "requests": [{**r.to_dict(), "fingerprint": fingerprint(r)} for r in requests],
+            "requests": [{**r.to_dict(), "fingerprint": fingerprint(r)} for r in opened.requests],
         }
         self.config.edit_log.append(record)
+        self._open = None
         return record
+
+    def _opened(self) -> _OpenExpert:
+        if self._open is None:
+            raise RuntimeError("No expert is open: call open_expert(requests) first.")
+        return self._open
 
     @torch.no_grad()
     def _with_negatives(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -30,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from .adapter_file import ROUTING_STATE, SAVED_BUFFERS
 from .config import LEMoEConfig
 from .routing import (
+    CallContext,
     RouteState,
     RoutingSession,
     causal_mean,
@@ -120,6 +122,14 @@ def offload_execution_device(layer: nn.Module) -> torch.device | None:
         if getattr(part, "execution_device", None) is not None:
             return torch.device(part.execution_device)
     return None
+
+
+def _per_row_matmul(rows: torch.Tensor, stacked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[i] @ stacked[index[i]]`` for rows (n, d) and stacked matrices (E, d, m), without copying the matrices:
+    ``embedding_bag`` sums the d rows of matrix ``index[i]``, weighted by ``rows[i]``."""
+    width = stacked.shape[1]
+    bags = index[:, None] * width + torch.arange(width, device=index.device)
+    return F.embedding_bag(bags, stacked.reshape(-1, stacked.shape[2]), per_sample_weights=rows, mode="sum")
 
 
 class LEMoELayer(BaseTunerLayer):
@@ -391,12 +401,11 @@ class LEMoELayer(BaseTunerLayer):
         return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), allowed)
 
     def _route_call(
-        self, adapter_name: str, x: torch.Tensor, call: dict[str, Any]
+        self, adapter_name: str, x: torch.Tensor, call: dict[str, Any], context: CallContext | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route the tokens of the current forward call, continuing cached generation if any. ``call`` holds what
-        the adapters of this layer share within one call (queries, token counts, the state to carry forward)."""
+        """Route the tokens of the forward call ``context`` describes, continuing cached generation if any. ``call``
+        holds what the adapters of this layer share within one call (queries, token counts, the state to carry)."""
         if not call:
-            context = self.routing_session.current
             valid = None if context is None or context.valid is None else context.valid
             valid = valid if valid is not None and valid.shape == x.shape[:2] else None
             prefix = None if context is None else context.prefix.get(id(self))
@@ -421,40 +430,39 @@ class LEMoELayer(BaseTunerLayer):
         return self.route(adapter_name, pooled, allowed)
 
     # ---------------------------------------------------------------------------------------------------- experts
-    def _expert_weights(self, adapter_name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if expert == self.num_experts(adapter_name) - 1:
-            return self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
-        return self.lemoe_frozen_A[adapter_name][expert], self.lemoe_frozen_B[adapter_name][expert]
-
     def newest_expert(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         return self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
 
-    def expert_output(self, adapter_name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """Output of one expert on inputs ``x`` (n, d_in)."""
-        weight_in, weight_out = self._expert_weights(adapter_name, expert)
-        hidden = x.to(weight_in.dtype) @ weight_in
+    def _activate(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         activation = self.lemoe_settings[adapter_name].activation
-        if activation != "identity":
-            hidden = _ACTIVATIONS[activation](hidden)
-        return hidden @ weight_out
+        return hidden if activation == "identity" else _ACTIVATIONS[activation](hidden)
 
     def mix_experts(
         self, adapter_name: str, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """Sum over each token's chosen experts of weight * expert(token); zero where no expert is chosen."""
+        """Sum over each token's chosen experts of weight * expert(token); zero where no expert is chosen.
+
+        Shapes do not depend on the routing (torch.compile traces it without graph breaks): the newest expert runs on
+        every token, scaled by its mixing weight (0 where not chosen); the frozen experts are applied per token and
+        ``top_k`` slot with ``embedding_bag``, which reads only the chosen expert's weights (the cost does not grow with
+        the number of experts)."""
         flat_x = x.reshape(-1, x.shape[-1])
         flat_experts = experts.reshape(flat_x.shape[0], -1)
         flat_weights = weights.reshape(flat_x.shape[0], -1)
-        out = None
-        for expert in torch.unique(flat_experts[flat_experts >= 0]).tolist():
-            rows, slots = (flat_experts == expert).nonzero(as_tuple=True)
-            contribution = self.expert_output(adapter_name, expert, flat_x[rows])
-            contribution = contribution * flat_weights[rows, slots, None].to(contribution.dtype)
-            if out is None:
-                out = contribution.new_zeros(flat_x.shape[0], contribution.shape[-1])
-            out = out.index_add(0, rows, contribution)
-        if out is None:
-            return x.new_zeros(*x.shape[:-1], self.out_features)
+        newest = self.num_experts(adapter_name) - 1
+        weight_in, weight_out = self.newest_expert(adapter_name)
+        flat_x = flat_x.to(weight_in.dtype)
+        share = (flat_weights * (flat_experts == newest)).sum(dim=-1, keepdim=True)
+        out = (self._activate(adapter_name, flat_x @ weight_in) @ weight_out) * share.to(weight_in.dtype)
+        frozen_in, frozen_out = self.lemoe_frozen_A[adapter_name], self.lemoe_frozen_B[adapter_name]
+        if frozen_in.shape[0] > 0:
+            slots = flat_experts.shape[1]
+            index = flat_experts.clamp(0, newest - 1).reshape(-1)  # slots without a frozen expert get weight 0
+            inputs = flat_x[:, None].expand(-1, slots, -1).reshape(index.shape[0], -1)
+            hidden = self._activate(adapter_name, _per_row_matmul(inputs, frozen_in, index))
+            contribution = _per_row_matmul(hidden, frozen_out, index).view(flat_x.shape[0], slots, -1)
+            is_frozen = (flat_experts >= 0) & (flat_experts < newest)
+            out = out + (contribution * (flat_weights * is_frozen).to(contribution.dtype)[..., None]).sum(dim=1)
         return out.view(*x.shape[:-1], -1)
 
 
@@ -475,9 +483,9 @@ class LEMoELinear(nn.Module, LEMoELayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        sequences = self._as_sequences(x)
+        context = self.routing_session.context(x.shape[0])
+        sequences = self._as_sequences(x, context)
         if self.routing_session.captured is not None:
-            context = self.routing_session.current
             self.routing_session.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
         if self.disable_adapters:
             return result
@@ -485,16 +493,16 @@ class LEMoELinear(nn.Module, LEMoELayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.lemoe_keys or self.num_anchors(adapter_name) == 0:
                 continue
-            experts, weights = self._route_call(adapter_name, sequences, call)
+            experts, weights = self._route_call(adapter_name, sequences, call, context)
             delta = self.mix_experts(adapter_name, sequences, experts, weights)
             result = result + delta.reshape(result.shape).to(result.dtype)
         return result
 
-    def _as_sequences(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _as_sequences(x: torch.Tensor, context: CallContext | None) -> torch.Tensor:
         """``x`` as (batch, tokens, features): some models (OPT) flatten the tokens of a batch before the FFN."""
         if x.dim() == 3:
             return x
-        context = self.routing_session.current
         if context is not None and context.tokens is not None and x.shape[0] == context.tokens[0] * context.tokens[1]:
             return x.view(*context.tokens, x.shape[-1])
         return x.reshape(1, -1, x.shape[-1])  # unknown batch layout: one sequence

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 _COUNTED = ("lemoe_frozen_A", "lemoe_keys", "lemoe_subjects", "lemoe_A")  # earlier experts, anchors, subjects, newest
 _COUNT_FIELDS = ("num_experts", "num_anchors", "num_subjects")
+
+
+def _canonical_key(key: str) -> str:
+    """A LEMoE tensor's key without the ``base_layer`` hops of adapters that wrap the LEMoE layer."""
+    return re.sub(r"(\.base_layer)+(?=\.lemoe_)", "", key)
 
 
 class LEMoEModel(BaseTuner):
@@ -34,11 +40,41 @@ class LEMoEModel(BaseTuner):
     tuner_layer_cls = LEMoELayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+        other = getattr(model, "peft_config", {}).get(adapter_name)
+        live = any(isinstance(m, BaseTunerLayer) and not isinstance(m, LEMoELayer) for m in model.modules())
+        if other is not None and not isinstance(other, LEMoEConfig) and live:  # (peft 0.18 keeps merged configs)
+            raise ValueError(
+                f"The model already carries a {other.peft_type} adapter named '{adapter_name}'. Stacked PEFT models "
+                "share one table of adapters, so LEMoE would replace its config: give LEMoE another name, e.g. "
+                "get_peft_model(model, LEMoEConfig(), adapter_name='edits'), or merge the other adapter first "
+                "(merge_and_unload)."
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self._freeze_other_adapters()
+
+    def _freeze_other_adapters(self) -> None:
+        """Only LEMoE trains: parameters of other adapters on the model (e.g. a live LoRA) are frozen, so that editing
+        cannot change them (peft >= 0.21 keeps existing parameters' trainability when an adapter is added)."""
+        others = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and f".{self.prefix}" not in n]
+        if others:
+            logger.warning(
+                "LEMoE froze %d trainable parameters of other adapters (e.g. %s): editing trains LEMoE experts only. "
+                "Save the other adapter first, or merge it (merge_and_unload) before adding LEMoE.",
+                len(others),
+                others[0][0],
+            )
+            for _, parameter in others:
+                parameter.requires_grad_(False)
+
     # ------------------------------------------------------------------------------------------------- injection
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         # PEFT keeps the config object it was given, but a LEMoE config records what its adapter holds (counts, edit
-        # log): each adapter gets its own copy, so two adapters made from one config object stay independent.
-        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        # log): an adapter whose config object another adapter already uses gets its own copy, so two adapters made
+        # from one config object stay independent.
+        config = self.peft_config[adapter_name]
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            self.peft_config[adapter_name] = copy.deepcopy(config)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _pre_injection_hook(self, model: nn.Module, config: LEMoEConfig, adapter_name: str) -> None:
@@ -232,7 +268,8 @@ class LEMoEModel(BaseTuner):
         """Size each adapter (default: all) that holds nothing yet to the experts and anchors ``state_dict`` brings for
         it; refuse one that holds other numbers. ``key`` formats a state-dict key from a layer, a field and an adapter
         name."""
-        for name in adapter_names or list(self.peft_config):
+        lemoe_adapters = [name for name, config in self.peft_config.items() if isinstance(config, LEMoEConfig)]
+        for name in adapter_names or lemoe_adapters:
             config = self.peft_config[name]
             counts = _state_dict_counts(state_dict, key, list(self.lemoe_layers(name)), name)
             held = (config.num_experts, config.num_anchors, config.num_subjects)
@@ -256,6 +293,13 @@ class LEMoEModel(BaseTuner):
             )
 
     @classmethod
+    def _get_adapter_state_dict(cls, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        # peft >= 0.21 selects the tensors of every tuner layer, a stacked LoRA's too: keep LEMoE's, named by the
+        # targeted module even when another adapter wraps the LEMoE layer (its `base_layer`)
+        selected = super()._get_adapter_state_dict(*args, **kwargs)
+        return {_canonical_key(key): tensor for key, tensor in selected.items() if ".lemoe_" in key}
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: LEMoEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -268,6 +312,8 @@ class LEMoEModel(BaseTuner):
             for key, tensor in model.state_dict().items()
             if ".lemoe_" in key and (key.endswith(f".{adapter_name}"))
         }
+        actual_keys = {_canonical_key(key): key for key in expected}
+        remapped = {actual_keys.get(key, key): tensor for key, tensor in remapped.items()}
         missing = sorted(key for key in expected if key not in remapped)
         mismatched = sorted(
             f"{key}: file {tuple(remapped[key].shape)}, config {tuple(tensor.shape)}"

@@ -181,12 +181,31 @@ def _cache_of(mapping: Any) -> Any:
     return None
 
 
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (loss, logits, tuples of hidden states) that backward passes start from."""
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else [output]
+    tensors = []
+    for value in values:
+        tensors += [t for t in (value if isinstance(value, tuple) else [value]) if isinstance(t, torch.Tensor)]
+    return [t for t in tensors if t.requires_grad]
+
+
+def _same_padding(a: CallContext, b: CallContext) -> bool:
+    if a.tokens != b.tokens or (a.valid is None) != (b.valid is None):
+        return False
+    return a.valid is None or torch.equal(a.valid, b.valid)
+
+
 class RoutingSession:
     """Forward hooks on the wrapped model that give every LEMoE layer its padding mask and, during cached
-    generation, the running sums of the tokens it saw in earlier calls (keyed by the KV-cache object)."""
+    generation, the running sums of the tokens it saw in earlier calls (keyed by the KV-cache object).
+
+    Gradient checkpointing runs layers again during the backward pass, outside the model's forward call: there the
+    layers get the context of the forward call being differentiated (see :meth:`context`)."""
 
     def __init__(self) -> None:
         self.current: CallContext | None = None
+        self._differentiating: list[CallContext] = []  # contexts of the forward calls whose backward pass runs
         self.captured: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         self._state_by_cache: weakref.WeakKeyDictionary[Any, dict[int, RouteState]] = weakref.WeakKeyDictionary()
         self._warned = False
@@ -213,6 +232,38 @@ class RoutingSession:
         if context is not None and cache is not None:
             # also when no layer routed (adapters disabled, no anchors yet): the cache is known, not foreign
             self._state_by_cache[cache] = context.updated
+        if context is not None and torch.is_grad_enabled():
+            for tensor in _output_tensors(output):
+                tensor.register_hook(self._backward_hook(context))
+
+    def _backward_hook(self, context: CallContext) -> Any:
+        """A gradient hook on the output of a forward call: makes ``context`` available to the layers that
+        gradient checkpointing recomputes while this backward pass runs, and withdraws it when the pass ends."""
+
+        def leave() -> None:
+            self._differentiating = [c for c in self._differentiating if c is not context]
+
+        def enter(grad: torch.Tensor) -> None:
+            if all(c is not context for c in self._differentiating):
+                self._differentiating.append(context)
+                torch.autograd.Variable._execution_engine.queue_callback(leave)
+
+        return enter
+
+    def context(self, rows: int) -> CallContext | None:
+        """The context of the forward call in progress or, for a layer recomputed in a backward pass (gradient
+        checkpointing), of the forward call being differentiated whose batch has ``rows`` rows (B, or B * T)."""
+        if self.current is not None or not self._differentiating:
+            return self.current
+        matching = [
+            c for c in self._differentiating if c.tokens is None or rows in (c.tokens[0], c.tokens[0] * c.tokens[1])
+        ]
+        if any(not _same_padding(matching[0], c) for c in matching[1:]):
+            raise RuntimeError(
+                "LEMoE cannot tell which of several forward passes with different padding a gradient-checkpointed "
+                "layer belongs to: call backward() on each forward pass's loss before the next forward pass."
+            )
+        return matching[0] if matching else None
 
     def attach(self, model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         return [

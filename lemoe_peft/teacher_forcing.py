@@ -65,6 +65,11 @@ def split_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -
     return full_ids, start
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
     """Tokenize (prompt, answer) pairs for teacher forcing."""
     rows, predicts, answers, lengths = [], [], [], []
@@ -94,8 +99,7 @@ def token_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]]) ->
 
 def _padded(tokenizer, rows: list[list[int]], predicts: list[list[bool]], answers: list[int], lengths: list[int]):
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     predict_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, (ids, mask) in enumerate(zip(rows, predicts, strict=True)):
