@@ -123,10 +123,11 @@ class LEMoE(Method):
     """lemoe-peft with its defaults."""
 
     name = "LEMoE"
+    config: dict[str, Any] = {}  # LEMoEConfig fields that differ from the defaults
 
     def __init__(self, base, tokenizer, settings, **overrides: Any) -> None:
         super().__init__(base, tokenizer, settings)
-        self.model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+        self.model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **self.config))
         options = {k: v for k, v in self.settings.items() if k in EDITOR_FIELDS}
         self.editor = self.editor_class(self.model, tokenizer, **{**options, **overrides})
         self.editor.ensure_calibrated()
@@ -148,6 +149,13 @@ class LEMoENoPlanning(LEMoE):
 
     def __init__(self, base, tokenizer, settings) -> None:
         super().__init__(base, tokenizer, settings, plan_order=False)
+
+
+class LEMoENoSubjectGate(LEMoE):
+    """LEMoE whose anchors are not gated by their edits' subjects (the routing of earlier releases)."""
+
+    name = "LEMoE w/o subject gate"
+    config = {"route_subject_threshold": None}
 
 
 class LEMoEThreshold06(LEMoE):
@@ -208,6 +216,6 @@ METHODS = {
     method.name: method
     for method in (
         *(LEMoE, FineTuneFFN, LoRA, ConventionalMoE),
-        *(LEMoENoPlanning, LEMoELearnedRouter, LEMoENoFreezing, LEMoEThreshold06),
+        *(LEMoENoPlanning, LEMoELearnedRouter, LEMoENoFreezing, LEMoEThreshold06, LEMoENoSubjectGate),
     )
 }

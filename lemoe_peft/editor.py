@@ -60,10 +60,10 @@ class EditorSettings:
         default=1.0, metadata={"help": "Weight of keeping other prompt positions' predictions (0: off)."}
     )
     negatives_per_edit: int = dataclasses.field(
-        default=3,
+        default=0,
         metadata={
-            "help": "Prompts per edit that must not change: its subject in other relations, its prompt with "
-            "another subject (0: none)."
+            "help": "Prompts per edit whose predictions the new expert is trained to keep: its prompt with another "
+            "subject, then its subject in other relations (0: none; on held-out data they cost generality)."
         },
     )
     negative_continuation: int = dataclasses.field(
