@@ -1,6 +1,7 @@
 """Editing quality on the real SmolLM2-135M-Instruct (CPU, a few minutes): a stream of ZsRE edits in several
 batches must be reliable and local, survive save and reload exactly, and show in generation."""
 
+import dataclasses
 import importlib.util
 import os
 
@@ -102,5 +103,36 @@ def test_generation_writes_the_new_targets(smollm2, stream):
                 out = model.generate(**prompt, max_new_tokens=len(target), do_sample=False)
             hits += out[0, prompt.input_ids.shape[1] :].tolist() == target
         assert hits >= 9
+    finally:
+        model.unload()
+
+
+def test_rephrases_reach_their_edits_under_generate(stream):
+    model, tokenizer, requests, _, results, _ = stream
+    assert results["rephrase_gen_acc"] >= 0.6, "greedy generation answers most rephrased questions with the edit"
+    without_locality = [dataclasses.replace(r, locality=()) for r in requests]
+    with model.disable_adapter():
+        unedited = evaluate_edits(model, tokenizer, without_locality)
+    assert unedited["rephrase_gen_acc"] <= 0.2, "the unedited model does not give these answers"
+
+
+COUNTERFACT = DATA_DIR / "counterfact" / "counterfact-train.json"
+
+
+@pytest.mark.parametrize("gate", [0.6, None], ids=["subject-gate", "no-gate"])
+def test_prompts_about_another_subject_keep_their_answers_under_generate(smollm2, gate):
+    """CounterFact's neighbourhood prompts share an edit's template but name another subject: with the subject gate
+    greedy generation continues them as the unedited model does; without it, many reach an edited expert."""
+    base, tokenizer = smollm2
+    requests = load_edit_requests(COUNTERFACT, limit=30)
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", route_subject_threshold=gate))
+    try:
+        LEMoEEditor(model, tokenizer, batch_size=10).edit(requests, progress=False)
+        results = evaluate_edits(model, tokenizer, requests)
+        assert results["rewrite_gen_acc"] >= 0.9
+        if gate is None:
+            assert results["locality_gen_acc"] <= 0.85
+        else:
+            assert results["locality_gen_acc"] >= 0.9
     finally:
         model.unload()
