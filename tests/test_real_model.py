@@ -35,7 +35,15 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def stream(smollm2, tmp_path_factory):
+def unedited_rephrase_gen(smollm2):
+    """The unedited model's rephrase_gen_acc on the stream's requests (taken before the stream edits it in place)."""
+    base, tokenizer = smollm2
+    requests = [dataclasses.replace(r, locality=()) for r in load_edit_requests(ZSRE, limit=50)]
+    return evaluate_edits(base, tokenizer, requests)["rephrase_gen_acc"]
+
+
+@pytest.fixture(scope="module")
+def stream(smollm2, unedited_rephrase_gen, tmp_path_factory):
     """50 ZsRE edits in 5 batches of 10, saved to disk."""
     base, tokenizer = smollm2
     requests = load_edit_requests(ZSRE, limit=50)
@@ -107,13 +115,10 @@ def test_generation_writes_the_new_targets(smollm2, stream):
         model.unload()
 
 
-def test_rephrases_reach_their_edits_under_generate(stream):
-    model, tokenizer, requests, _, results, _ = stream
+def test_rephrases_reach_their_edits_under_generate(stream, unedited_rephrase_gen):
+    results = stream[4]
     assert results["rephrase_gen_acc"] >= 0.6, "greedy generation answers most rephrased questions with the edit"
-    without_locality = [dataclasses.replace(r, locality=()) for r in requests]
-    with model.disable_adapter():
-        unedited = evaluate_edits(model, tokenizer, without_locality)
-    assert unedited["rephrase_gen_acc"] <= 0.2, "the unedited model does not give these answers"
+    assert unedited_rephrase_gen <= 0.2, "the unedited model does not give these answers"
 
 
 COUNTERFACT = DATA_DIR / "counterfact" / "counterfact-train.json"
