@@ -196,7 +196,15 @@ class LEMoELayer(BaseTunerLayer):
         # base layer (weights on meta) the adapter lives on the device the layer computes on.
         device = device or offload_execution_device(self.get_base_layer())
         routing = {store: getattr(self, store)[adapter_name] for store in ROUTING_STATE}
-        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if device is None:
+            super()._move_adapter_to_device_of_base_layer(adapter_name)
+        else:  # an explicit device: move without casting (peft 0.18's method fails when given one)
+            for name in (*self.adapter_layer_names, *self.other_param_names):
+                store = getattr(self, name, None)
+                if isinstance(store, nn.ParameterDict) and adapter_name in store:
+                    store[adapter_name].data = store[adapter_name].data.to(device)
+                elif isinstance(store, BufferDict) and adapter_name in store:
+                    store[adapter_name] = store[adapter_name].to(device)
         for store, tensor in routing.items():
             getattr(self, store)[adapter_name] = tensor.to(device=getattr(self, store)[adapter_name].device)
 
