@@ -4,6 +4,7 @@ expert, Trainer trains it with the data split across the processes, and each pro
 import sys
 from pathlib import Path
 
+import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
@@ -35,3 +36,5 @@ weights = {
     name: tensor.detach().contiguous() for name, tensor in zip("AB", layer.newest_expert("default"), strict=True)
 }
 save_file(weights, str(out / f"rank{trainer.args.process_index}-of-{trainer.args.world_size}.safetensors"))
+trainer.accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()  # an orderly shutdown: gloo aborts ("terminate called ...") without it
