@@ -36,8 +36,7 @@ ROUTING_STATE = (
     "lemoe_subjects",
     "lemoe_subject_expert",
     "lemoe_route_mean",
-    "lemoe_route_basis",
-    "lemoe_route_scale",
+    "lemoe_route_projection",
 )
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)

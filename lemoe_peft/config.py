@@ -96,6 +96,13 @@ class LEMoEConfig(PeftConfig):
     route_whiten_rank: int = field(
         default=64, metadata={"help": "Principal directions whitened by the routing calibration (0: centring only)."}
     )
+    route_key_dim: int = field(
+        default=256,
+        metadata={
+            "help": "Width k of the space where routing queries meet anchor and subject keys: the whitened principal "
+            "directions plus a fixed random reduction of the rest (0: the layer's full input width)."
+        },
+    )
     route_threshold: float = field(
         default=0.5,
         metadata={"help": "Default score an input needs to reach an anchor; below it the FFN is untouched."},
@@ -167,6 +174,7 @@ class LEMoEConfig(PeftConfig):
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),
             (self.expert_activation in EXPERT_ACTIVATIONS, f"expert_activation must be one of {EXPERT_ACTIVATIONS}"),
             (isinstance(self.route_whiten_rank, int) and self.route_whiten_rank >= 0, "route_whiten_rank must be >= 0"),
+            (isinstance(self.route_key_dim, int) and self.route_key_dim >= 0, "route_key_dim must be an integer >= 0"),
             (self.route_temperature > 0, "route_temperature must be > 0"),
             (self.route_calibration_size >= 0, "route_calibration_size must be >= 0"),
             (

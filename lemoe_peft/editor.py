@@ -7,11 +7,12 @@ targets, with the routing used at inference. Requests are first grouped into bat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -33,6 +34,10 @@ from .teacher_forcing import TeacherForcedBatch, answer_logits, encode, token_po
 from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
+
+
+# training precision -> the autocast dtype of the training passes (None: plain float32)
+TRAIN_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,14 @@ class EditorSettings:
             "subject, then its subject in other relations (0: none; on held-out data they cost generality)."
         },
     )
+    train_dtype: str = dataclasses.field(
+        default="float32",
+        metadata={
+            "help": "Precision of the training passes: float32, or bfloat16 / float16 mixed precision (autocast; "
+            "experts, losses and routing stay float32). bfloat16 is several times faster on GPUs and on CPUs with "
+            "native bfloat16 arithmetic (AVX512-BF16, AMX)."
+        },
+    )
     negative_continuation: int = dataclasses.field(
         default=2, metadata={"help": "Tokens of the unedited model's continuation of each negative that are kept too."}
     )
@@ -79,6 +92,7 @@ class EditorSettings:
             (self.preserve_weight >= 0, "preserve_weight must be >= 0"),
             (self.negatives_per_edit >= 0, "negatives_per_edit must be >= 0"),
             (self.negative_continuation >= 0, "negative_continuation must be >= 0"),
+            (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {sorted(TRAIN_DTYPES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -225,15 +239,23 @@ class LEMoEEditor:
         expert = self.open_expert(requests)
         opened = self._opened()
         preserve = self._preserved_positions(expert, opened.batch, opened.captured)
-        steps, loss = fit(
-            self.model,
-            self.trainable_tensors(),
-            Objective(opened.batch, preserve, self.settings.preserve_weight),
-            max_steps=self.settings.max_steps,
-            learning_rate=self.settings.learning_rate,
-            early_stop_loss=self.settings.early_stop_loss,
-            replay=opened.replay.replay,
-        )
+        with self.tuner.reuse_routing(self.adapter) as decisions:
+
+            @contextlib.contextmanager
+            def replayed(rows: slice) -> Iterator[None]:  # the lower layers' output and the routing of these rows
+                with opened.replay.replay(rows), decisions.reuse((rows.start, rows.stop)):
+                    yield
+
+            steps, loss = fit(
+                self.model,
+                self.trainable_tensors(),
+                Objective(opened.batch, preserve, self.settings.preserve_weight),
+                max_steps=self.settings.max_steps,
+                learning_rate=self.settings.learning_rate,
+                early_stop_loss=self.settings.early_stop_loss,
+                replay=replayed,
+                autocast_dtype=TRAIN_DTYPES[self.settings.train_dtype],
+            )
         return self.close_expert(steps=steps, final_loss=round(loss, 5))
 
     def open_expert(self, requests: Sequence[EditRequest | Mapping[str, Any]]) -> int:
@@ -255,7 +277,8 @@ class LEMoEEditor:
         self.model.eval()  # no dropout: the routing and the expert see exactly what inference will
         batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
         layers = self.tuner.lemoe_layers(self.adapter)
-        with torch.no_grad(), self.tuner.capture_layer_inputs() as captured:
+        replay = LowerLayerReplay(self.tuner.model, list(layers))
+        with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
         self.tuner.add_anchors(
             expert,
@@ -264,10 +287,11 @@ class LEMoEEditor:
             self.adapter,
             *self._subject_keys(layers, captured, requests, batch),
         )
-        batch = self._with_negatives(expert, requests, batch)
-        replay = LowerLayerReplay(self.tuner.model, list(layers))
-        with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
-            answer_logits(self.model, batch)
+        with_negatives = self._with_negatives(expert, requests, batch)
+        if with_negatives is not batch:  # else the pass above (the new expert outputs zero) is what training needs
+            batch = with_negatives
+            with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
+                answer_logits(self.model, batch)
         for tensor in self.trainable_tensors():
             tensor.requires_grad_(True)
         self._open = _OpenExpert(expert, requests, batch, captured, replay, started)

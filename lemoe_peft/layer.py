@@ -4,11 +4,12 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 
 * ``lemoe_A`` / ``lemoe_B``: the newest expert (trainable), ``(d_in, r)`` and ``(r, d_out)``;
 * ``lemoe_frozen_A`` / ``lemoe_frozen_B``: all earlier experts, stacked ``(E-1, d_in, r)`` / ``(E-1, r, d_out)``;
-* ``lemoe_keys`` ``(N, d_in)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
+* ``lemoe_keys`` ``(N, k)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
   expert owning each, and the score each needs;
-* ``lemoe_subjects`` ``(S, d_in)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
+* ``lemoe_subjects`` ``(S, k)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
   experts; ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
-* ``lemoe_route_mean`` / ``lemoe_route_basis`` / ``lemoe_route_scale``: the whitening applied to routing queries.
+* ``lemoe_route_mean`` ``(d_in,)`` and ``lemoe_route_projection`` ``(d_in, k)``: the whitening that maps routing
+  queries into the k-dimensional space of the keys (``k = route_key_dim``).
 
 The stacks that grow with the stream (frozen experts, anchor keys, owners, thresholds) are prefix views of a storage
 with spare rows (:func:`append_rows`), so adding an expert or anchors copies only the new rows: amortized O(1) per
@@ -35,6 +36,7 @@ from .routing import (
     RouteState,
     RoutingSession,
     causal_mean,
+    route_projection,
     select_experts,
     subject_presence,
     token_counts,
@@ -53,7 +55,7 @@ MERGE_REFUSAL = (
 
 @dataclass(frozen=True)
 class RouteSettings:
-    """The per-adapter routing settings a layer needs at forward time (copied from ``LEMoEConfig``)."""
+    """The per-adapter routing settings of a layer (copied from ``LEMoEConfig``)."""
 
     pooling: str
     similarity: str
@@ -61,6 +63,7 @@ class RouteSettings:
     temperature: float
     activation: str
     subject_threshold: float | None
+    whiten_rank: int
 
     @classmethod
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
@@ -71,6 +74,7 @@ class RouteSettings:
             config.route_temperature,
             config.expert_activation,
             config.route_subject_threshold,
+            config.route_whiten_rank,
         )
 
 
@@ -152,8 +156,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_subjects = BufferDict(persistent=True)
         self.lemoe_subject_expert = BufferDict(persistent=True)
         self.lemoe_route_mean = BufferDict(persistent=True)
-        self.lemoe_route_basis = BufferDict(persistent=True)
-        self.lemoe_route_scale = BufferDict(persistent=True)
+        self.lemoe_route_projection = BufferDict(persistent=True)
         self.lemoe_settings: dict[str, RouteSettings] = {}
         self.routing_session = routing
         self._disable_adapters = False
@@ -164,7 +167,7 @@ class LEMoELayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LEMoEConfig, **kwargs: Any) -> None:
         """Create the adapter's tensors with the shapes recorded in ``config`` (values come from training or a load)."""
         d_in, d_out, rank = self.in_features, self.out_features, config.expert_rank
-        whiten_rank = min(config.route_whiten_rank, d_in)
+        d_key = min(config.route_key_dim or d_in, d_in)
         self.lemoe_settings[adapter_name] = RouteSettings.from_config(config)
         experts = [self._new_expert(rank, config.init_weights) for _ in range(config.num_experts)]
         frozen = experts[:-1]
@@ -178,15 +181,15 @@ class LEMoELayer(BaseTunerLayer):
             del self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
         if experts:
             self.lemoe_A[adapter_name], self.lemoe_B[adapter_name] = map(nn.Parameter, experts[-1])
-        self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_in)
+        self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_key)
         self.lemoe_key_expert[adapter_name] = torch.zeros(config.num_anchors, dtype=torch.long)
         self.lemoe_key_threshold[adapter_name] = torch.full((config.num_anchors,), float(config.route_threshold))
         self.lemoe_key_subject[adapter_name] = torch.full((config.num_anchors,), -1, dtype=torch.long)
-        self.lemoe_subjects[adapter_name] = torch.zeros(config.num_subjects, d_in)
+        self.lemoe_subjects[adapter_name] = torch.zeros(config.num_subjects, d_key)
         self.lemoe_subject_expert[adapter_name] = torch.zeros(config.num_subjects, dtype=torch.long)
         self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
-        self.lemoe_route_basis[adapter_name] = torch.zeros(d_in, whiten_rank)
-        self.lemoe_route_scale[adapter_name] = torch.ones(whiten_rank + 1)
+        # before calibration: no whitening (k = d_in) or a fixed random reduction of the raw inputs
+        self.lemoe_route_projection[adapter_name] = route_projection(torch.zeros(d_in, 0), torch.ones(1), d_key)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -281,9 +284,9 @@ class LEMoELayer(BaseTunerLayer):
         subjects: torch.Tensor | None = None,
         key_subject: torch.Tensor | None = None,
     ) -> None:
-        """Append anchor ``keys`` (n, d_in), already in query space, owned by ``expert``, each with its threshold.
+        """Append anchor ``keys`` (n, k), already in query space, owned by ``expert``, each with its threshold.
 
-        ``subjects`` (s, d_in) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`)
+        ``subjects`` (s, k) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`)
         and ``key_subject`` (n,) says which of them gates each anchor (-1: none).
         """
         if not 0 <= expert < self.num_experts(adapter_name):
@@ -330,11 +333,10 @@ class LEMoELayer(BaseTunerLayer):
         """Set the routing whitening from pooled queries (n, d_in) of generic text. Anchors must not exist yet."""
         if self.num_anchors(adapter_name) > 0:
             raise RuntimeError("Routing calibration is frozen once anchors exist: re-calibrating would move them.")
-        mean, basis, scale = whitening_statistics(samples, self.lemoe_route_basis[adapter_name].shape[1])
-        like = self.lemoe_route_mean[adapter_name]
-        self.lemoe_route_mean[adapter_name] = mean.to(like)
-        self.lemoe_route_basis[adapter_name] = basis.to(like)
-        self.lemoe_route_scale[adapter_name] = scale.to(like)
+        mean, basis, scale = whitening_statistics(samples, self.lemoe_settings[adapter_name].whiten_rank)
+        projection = self.lemoe_route_projection[adapter_name]
+        self.lemoe_route_mean[adapter_name] = mean.to(self.lemoe_route_mean[adapter_name])
+        self.lemoe_route_projection[adapter_name] = route_projection(basis, scale, projection.shape[1]).to(projection)
 
     # ---------------------------------------------------------------------------------------------------- routing
     def pooled_queries(self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,8 +350,7 @@ class LEMoELayer(BaseTunerLayer):
         return whiten(
             pooled.float(),
             self.lemoe_route_mean[adapter_name].float(),
-            self.lemoe_route_basis[adapter_name].float(),
-            self.lemoe_route_scale[adapter_name].float(),
+            self.lemoe_route_projection[adapter_name].float(),
             normalize=self.lemoe_settings[adapter_name].similarity == "cosine",
         )
 
@@ -359,8 +360,7 @@ class LEMoELayer(BaseTunerLayer):
         return whiten(
             x.float(),
             self.lemoe_route_mean[adapter_name].float(),
-            self.lemoe_route_basis[adapter_name].float(),
-            self.lemoe_route_scale[adapter_name].float(),
+            self.lemoe_route_projection[adapter_name].float(),
             normalize=True,
         )
 
@@ -372,29 +372,40 @@ class LEMoELayer(BaseTunerLayer):
         valid: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Which anchors may serve each token of ``x`` (B, T, d_in): (B, T, N) booleans, and the subject scores so
-        far (B, T, S) to continue from; (None, None) when no anchor is gated."""
+        """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans, and the subject
+        scores so far (B, T, S) to continue from; (None, None) when no anchor is gated."""
         threshold = self.lemoe_settings[adapter_name].subject_threshold
         subjects = self.lemoe_subjects[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
             return None, None
         scores = self.subject_queries(adapter_name, x) @ subjects.float().T
         presence = subject_presence(scores, counts, valid, prefix)
-        gated = self.lemoe_key_subject[adapter_name]
-        allowed = (gated < 0) | (presence[..., gated.clamp_min(0)] >= threshold)
-        return allowed, presence
+        return presence >= threshold, presence
 
     def route(
-        self, adapter_name: str, pooled: torch.Tensor, allowed: torch.Tensor | None = None
+        self, adapter_name: str, pooled: torch.Tensor, read: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts (..., k) (-1: none) and mixing weights (..., k) for raw pooled queries; ``allowed`` (..., N) comes
-        from :meth:`subject_gate`."""
+        """Experts (..., T, k) (-1: none) and mixing weights (..., T, k) for raw pooled queries (..., T, d_in);
+        ``read`` (..., T, S) says which subjects each token has read (:meth:`subject_gate`), None: no gate.
+
+        A subject once read stays read, so the anchors any token of the call may use are those its last token may:
+        only they are scored (exact, and the cost follows the few subjects a text mentions, not the number of
+        edits). Under torch.compile every anchor is scored, which keeps the shapes static."""
         settings = self.lemoe_settings[adapter_name]
+        keys, owners = self.lemoe_keys[adapter_name], self.lemoe_key_expert[adapter_name]
+        thresholds, gated = self.lemoe_key_threshold[adapter_name], self.lemoe_key_subject[adapter_name]
+        allowed = None
+        if read is not None:
+            if not torch.compiler.is_compiling():
+                read_by_last = read[..., -1, :].reshape(-1, read.shape[-1]).any(dim=0)
+                candidates = ((gated < 0) | read_by_last[gated.clamp_min(0)]).nonzero()[:, 0]
+                keys, owners, thresholds, gated = (t[candidates] for t in (keys, owners, thresholds, gated))
+            allowed = (gated < 0) | read[..., gated.clamp_min(0)]
         return select_experts(
             self.route_queries(adapter_name, pooled),
-            self.lemoe_keys[adapter_name].float(),
-            self.lemoe_key_expert[adapter_name],
-            self.lemoe_key_threshold[adapter_name].float(),
+            keys.float(),
+            owners,
+            thresholds.float(),
             self.num_experts(adapter_name),
             settings.top_k,
             settings.temperature,
@@ -405,8 +416,8 @@ class LEMoELayer(BaseTunerLayer):
         self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them."""
-        allowed, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
-        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), allowed)
+        read, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
+        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
 
     def _route_call(
         self, adapter_name: str, x: torch.Tensor, call: dict[str, Any], context: CallContext | None
@@ -425,7 +436,7 @@ class LEMoELayer(BaseTunerLayer):
                 context.updated[id(self)] = call["state"]
         settings = self.lemoe_settings[adapter_name]
         prefix = call["prefix"]
-        allowed, presence = self.subject_gate(
+        read, presence = self.subject_gate(
             adapter_name,
             x,
             call["counts"],
@@ -435,7 +446,7 @@ class LEMoELayer(BaseTunerLayer):
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
         pooled = x.float() if settings.pooling == "token" else call["means"]
-        return self.route(adapter_name, pooled, allowed)
+        return self.route(adapter_name, pooled, read)
 
     # ---------------------------------------------------------------------------------------------------- experts
     def newest_expert(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
@@ -501,10 +512,28 @@ class LEMoELinear(nn.Module, LEMoELayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.lemoe_keys or self.num_anchors(adapter_name) == 0:
                 continue
-            experts, weights = self._route_call(adapter_name, sequences, call, context)
+            experts, weights = self._routing(adapter_name, sequences, call, context)
             delta = self.mix_experts(adapter_name, sequences, experts, weights)
             result = result + delta.reshape(result.shape).to(result.dtype)
         return result
+
+    def _routing(
+        self, adapter_name: str, x: torch.Tensor, call: dict[str, Any], context: CallContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_route_call` in float32 (also under mixed-precision autocast), or the decision this layer took for
+        the same rows in an earlier training step (:class:`RoutingDecisions`)."""
+        decisions = self.routing_session.decisions
+        key = None
+        if decisions is not None and decisions.part is not None and id(self) in decisions.layers:
+            key = (id(self), adapter_name, decisions.part)
+            stored = decisions.stored.get(key)
+            if stored is not None and stored[0].shape[:-1] == x.shape[:-1]:
+                return stored
+        with torch.autocast(x.device.type, enabled=False):
+            routed = self._route_call(adapter_name, x, call, context)
+        if key is not None:
+            decisions.stored[key] = routed
+        return routed
 
     @staticmethod
     def _as_sequences(x: torch.Tensor, context: CallContext | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
 from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear, offload_execution_device
-from .routing import RoutingSession
+from .routing import RoutingDecisions, RoutingSession
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,19 @@ class LEMoEModel(BaseTuner):
         finally:
             self.routing.captured = None
             result.update({layers[key]: value for key, value in captured.items()})
+
+    @contextlib.contextmanager
+    def reuse_routing(self, adapter_name: str | None = None) -> Iterator[RoutingDecisions]:
+        """For the training steps of one batch: within this context the lowest LEMoE layer routes each part of the
+        batch once (``decisions.reuse(part)`` names the part a forward call sees) and reuses that decision on later
+        steps. Its input does not depend on any trained expert, so the decisions are those it would take again."""
+        lowest = next(iter(self.lemoe_layers(self.resolve_adapter(adapter_name)).values()))
+        decisions = RoutingDecisions(frozenset({id(lowest)}))
+        self.routing.decisions = decisions
+        try:
+            yield decisions
+        finally:
+            self.routing.decisions = None
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def _load_state_dict_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

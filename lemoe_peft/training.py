@@ -50,11 +50,13 @@ def fit(
     early_stop_loss: float,
     replay: Callable[[slice], contextlib.AbstractContextManager] | None = None,
     rows_per_pass: int = 32,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[int, float]:
     """Train ``parameters`` until the target cross-entropy reaches ``early_stop_loss`` or ``max_steps`` updates were
     made. ``replay`` (a context-manager factory taking the rows of the batch, e.g. ``LowerLayerReplay.replay``) wraps
     every forward. A batch goes through the model ``rows_per_pass`` prompts at a time, accumulating the gradient of
-    the whole batch's loss, so a batch of 1,000 edits needs the activation memory of 32.
+    the whole batch's loss, so a batch of 1,000 edits needs the activation memory of 32. ``autocast_dtype`` runs the
+    forward passes in mixed precision (``torch.autocast``; routing stays float32, the parameters and losses too).
     Returns the number of updates and the final target loss."""
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -68,7 +70,11 @@ def fit(
         for index, (rows, part, shares) in enumerate(parts):
             if loss is not None:  # every run but the last backpropagates at once, freeing its activations
                 loss.backward()
-            with replay(rows) if replay is not None else contextlib.nullcontext():
+            device = part.batch.input_ids.device.type
+            with (
+                replay(rows) if replay is not None else contextlib.nullcontext(),
+                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+            ):
                 logits = position_logits(model, part.batch, shares.positions).float()
             cross_entropy = F.cross_entropy(logits[shares.is_answer], part.batch.answers)
             target_loss += cross_entropy.item() * shares.answers

@@ -2,6 +2,7 @@
 existed."""
 
 from benchmarks.report import _table
+from benchmarks.stream import checkpoints_for, slice_seconds
 
 OLD = {
     "protocol": {"method": "FT-L", "T": 10},
@@ -27,3 +28,9 @@ def test_tables_show_generated_then_teacher_forced_metrics_and_a_dash_where_a_re
 def test_the_right_after_each_batch_table_can_show_teacher_forced_metrics_only():
     header, _, row = _table([{**OLD, "after_each_batch": OLD["after_stream"]}], "after_each_batch", ("teacher-forced",))
     assert "(gen)" not in header and row == "| FT-L | 10 | 1.000 | 0.500 | 0.750 | **0.750** | 1.00 | 900 | 2.0 |"
+
+
+def test_a_long_stream_reports_seconds_per_edit_by_slice_and_checks_at_fixed_points():
+    log = [{"requests": [{}] * 10, "seconds": 4.0}] * 150 + [{"requests": [{}] * 5, "seconds": 1.0}] * 2
+    assert slice_seconds(log) == [0.4, round(202 / 510, 4)]  # 1,000 edits in 400 s, then 510 in 202 s
+    assert checkpoints_for(10000) == [1000, 2000, 5000, 10000] and checkpoints_for(1500) == [1000, 1500]

@@ -229,6 +229,8 @@ def test_several_lemoe_layers_edit_together():
 def test_bad_settings_and_models_are_refused():
     with pytest.raises(ValueError, match="batch_size"):
         EditorSettings(batch_size=0)
+    with pytest.raises(ValueError, match="train_dtype must be one of"):
+        EditorSettings(train_dtype="int8")
     with pytest.raises(ValueError, match="anchor_threshold must lie in"):
         LEMoEEditor(new_model(), tiny_tokenizer(), anchor_threshold=2.0)
     dot = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_similarity="dot"))
@@ -243,3 +245,14 @@ def test_bad_settings_and_models_are_refused():
         LEMoEEditor(tiny_model(), tiny_tokenizer())
     with pytest.raises(ValueError, match="checkpoint_every"):
         edit(new_model(), checkpoint_every=0)
+
+
+def test_mixed_precision_training_edits_and_keeps_routing_and_experts_float32():
+    model = new_model()
+    report = LEMoEEditor(
+        model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS, train_dtype="bfloat16"
+    ).edit(REQUESTS[:3], progress=False)
+    (layer,) = model.base_model.lemoe_layers().values()
+    assert layer.lemoe_keys["default"].dtype == layer.lemoe_A["default"].dtype == torch.float32
+    assert report.batches[0]["settings"]["train_dtype"] == "bfloat16"
+    assert evaluate_edits(model, tiny_tokenizer(), REQUESTS[:3], generation=False)["rewrite_acc"] == 1.0

@@ -146,7 +146,7 @@ def test_bfloat16_base_model_round_trip(tmp_path):
     layer = next(iter(model.base_model.lemoe_layers().values()))
     assert layer.lemoe_A["default"].dtype == torch.float32, "PEFT keeps adapter weights in float32"
     assert layer.lemoe_keys["default"].dtype == torch.float32, "routing state stays in float32"
-    assert layer.lemoe_route_basis["default"].dtype == torch.float32
+    assert layer.lemoe_route_projection["default"].dtype == torch.float32
     with torch.no_grad():
         edited = model(INPUTS).logits
         assert edited.dtype == torch.bfloat16

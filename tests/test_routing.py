@@ -6,6 +6,7 @@ from peft import get_peft_model
 from lemoe_peft import LEMoEConfig
 from lemoe_peft.routing import (
     causal_mean,
+    route_projection,
     select_experts,
     subject_presence,
     token_counts,
@@ -36,9 +37,24 @@ def test_whitening_equalises_principal_directions_and_shrinks_the_rest():
     samples = torch.randn(2000, 8) * torch.tensor([10.0, 5, 1, 1, 1, 1, 1, 1]) + 3
     mean, basis, scale = whitening_statistics(samples, rank=2)
     assert torch.allclose(mean, samples.mean(0), atol=1e-4)
-    spread = whiten(samples, mean, basis, scale, normalize=False).std(0)
+    spread = whiten(samples, mean, route_projection(basis, scale, dim=8), normalize=False).std(0)
     assert torch.allclose(spread[:2], torch.ones(2), atol=0.05)  # variance 100 and 25 -> 1
     assert torch.allclose(spread[2:], spread[2:].mean(), atol=0.05) and spread[2:].mean() < 0.9  # shrunk noise
+
+
+def test_reduced_routing_space_keeps_principal_coordinates_and_approximates_cosines():
+    torch.manual_seed(0)
+    samples = torch.randn(3000, 512) * torch.cat([torch.full((16,), 8.0), torch.ones(496)])
+    mean, basis, scale = whitening_statistics(samples, rank=16)
+    full = whiten(samples[:200], mean, route_projection(basis, scale, dim=512), normalize=True)
+    reduced_projection = route_projection(basis, scale, dim=256)
+    assert reduced_projection.shape == (512, 256)
+    assert torch.equal(reduced_projection, route_projection(basis, scale, dim=256)), "fixed, not redrawn"
+    reduced = whiten(samples[:200], mean, reduced_projection, normalize=True)
+    principal = whiten(samples[:200], mean, route_projection(basis, scale, dim=16), normalize=False)
+    assert torch.allclose(principal, ((samples[:200] - mean) @ basis) * scale[:16], atol=1e-3)
+    error = (reduced @ reduced.T - full @ full.T).abs()
+    assert error.mean() < 0.05 and error.max() < 0.3
 
 
 def test_select_experts_thresholds_ties_and_top_k():
@@ -145,3 +161,31 @@ def test_removing_an_expert_keeps_the_other_experts_subject_gates():
     tuner.remove_expert(0)
     assert model.peft_config["default"].num_subjects == 0 and layer.lemoe_subjects["default"].shape[0] == 0
     assert (layer.lemoe_key_subject["default"] == -1).all() and (layer.lemoe_key_expert["default"] == 0).all()
+
+
+def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(monkeypatch):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    for seed in range(6):  # six gated experts, one ungated: most anchors' subjects are not in the text below
+        give_expert(model, token_batch(1, 7, seed=40 + seed), subject_position=2 + seed % 4)
+    give_expert(model, token_batch(1, 5, seed=60))
+    text = torch.cat([token_batch(1, 7, seed=43), token_batch(1, 5, seed=60)], dim=1)
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(input_ids=text)
+    ((name, layer),) = model.base_model.lemoe_layers().items()
+    sparse = layer.route_sequences("default", *captured[name])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the dense path torch.compile traces
+    dense = layer.route_sequences("default", *captured[name])
+    assert all(torch.equal(a, b) for a, b in zip(sparse, dense, strict=True))
+    assert (sparse[0] >= 0).any() and (sparse[0] == -1).any(), "the text reaches some experts, not all tokens"
+
+
+def test_keys_live_in_a_space_of_route_key_dim_dimensions():
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_key_dim=16))
+    give_expert(model, token_batch(1, 6, seed=5), subject_position=2)
+    (layer,) = model.base_model.lemoe_layers().values()
+    assert layer.lemoe_keys["default"].shape[1] == 16 and layer.lemoe_subjects["default"].shape[1] == 16
+    assert layer.lemoe_route_projection["default"].shape == (layer.in_features, 16)
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(input_ids=token_batch(1, 6, seed=5))
+    experts, _ = layer.route_sequences("default", *captured[next(iter(captured))])
+    assert (experts[0, 2:, 0] == 0).all(), "the anchored sequence still routes to its expert in the reduced space"

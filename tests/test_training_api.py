@@ -111,3 +111,21 @@ def test_the_finetune_and_edit_example_runs_on_a_tiny_model(tmp_path):
     assert metrics["rewrite_acc"] == 1.0
     assert all("lora_" in key for key in load_file(out / "lora" / "adapter_model.safetensors"))
     assert all(".lemoe_" in key for key in load_file(out / "lemoe" / "edits" / "adapter_model.safetensors"))
+
+
+def test_reusing_the_routing_across_training_steps_trains_the_same_expert():
+    from lemoe_peft.training import Objective, fit
+
+    trained = []
+    for reuse in (False, True):
+        editor = _editor()
+        editor.open_expert(REQUESTS[:3])
+        opened = editor._opened()
+        objective = Objective(opened.batch, editor._preserved_positions(0, opened.batch, opened.captured))
+        with editor.tuner.reuse_routing() as decisions:
+            replay = (lambda rows: decisions.reuse(rows.start)) if reuse else None
+            fit(editor.model, editor.trainable_tensors(), objective, max_steps=5, learning_rate=3e-2,
+                early_stop_loss=0.0, replay=replay)  # fmt: skip
+            assert len(decisions.stored) == (1 if reuse else 0)
+        trained.append([t.detach().clone() for t in editor.trainable_tensors()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
