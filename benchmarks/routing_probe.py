@@ -5,6 +5,7 @@ routed *at the first answer position* (the last prompt token, where generation d
 rephrased prompts, which should reach their own edit's expert, and prompts that should reach none: on KnowEdit's
 ZsRE test split the same subject asked about another relation, on CounterFact's train split the same relation and
 template asked about another subject (its neighbourhood prompts). Experts hold 10 edits each, in arrival order.
+A second table compares the width of the space where queries meet keys (``route_key_dim``) for the default design.
 
     python -m benchmarks.routing_probe            # ZsRE test-all (KnowEdit) and CounterFact train, 300 edits each
 """
@@ -19,7 +20,14 @@ import torch
 
 from lemoe_peft.editor import calibration_texts
 from lemoe_peft.negatives import subject_span
-from lemoe_peft.routing import causal_mean, subject_presence, token_counts, whiten, whitening_statistics
+from lemoe_peft.routing import (
+    causal_mean,
+    route_projection,
+    subject_presence,
+    token_counts,
+    whiten,
+    whitening_statistics,
+)
 from lemoe_peft.teacher_forcing import encode, token_position
 
 from .data import load_base, requests_for
@@ -28,6 +36,7 @@ EXPERT_SIZE = 10
 QUERIES = {"causal mean": 0.0, "mean + last token (1:1)": 0.5, "last token": 1.0}  # weight of the token part
 SUBJECT_GATES = (None, 0.6)
 THRESHOLDS = (0.4, 0.5, 0.6)
+KEY_DIMS = (0, 128, 256, 384)  # 0: the full input width
 
 
 def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
@@ -53,7 +62,7 @@ def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
 
 
 class Design:
-    """One routing design on fixed whitening statistics."""
+    """One routing design on a fixed whitening: ``stats`` is (mean, projection), see ``route_projection``."""
 
     def __init__(self, stats, token_weight: float, subject_gate: float | None) -> None:
         self.stats, self.weight, self.gate = stats, token_weight, subject_gate
@@ -83,21 +92,17 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
     rephrase_rows = _layer_inputs(model, tokenizer, [(r.rephrase_prompts[0], None) for r in requests], layer)
     negative_rows = _layer_inputs(model, tokenizer, [(p, None) for _, p in negatives], layer)
     calibration = _layer_inputs(model, tokenizer, [(t, None) for t in calibration_texts()], layer)
-    stats = whitening_statistics(torch.cat([causal_mean(x[None])[0][0] for x, _ in calibration]), 64)
+    mean, basis, scale = whitening_statistics(torch.cat([causal_mean(x[None])[0][0] for x, _ in calibration]), 64)
     subject_at = []
     for request in requests:
         span = subject_span(request)
         position = None if span is None else token_position(tokenizer, request.prompt.rstrip(), span[1])
         subject_at.append(position if position is not None and position >= 1 else None)
     owner = torch.arange(len(requests)) // EXPERT_SIZE
-    lines = [
-        f"#### {dataset} (held-out: {len(requests)} edits, layer {layer}), routed at the first answer position",
-        "",
-        f"| query | subject gate | threshold | rephrase -> own expert | {negative_name} -> any expert |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for (query_name, weight), gate in itertools.product(QUERIES.items(), SUBJECT_GATES):
-        design = Design(stats, weight, gate)
+
+    def routed(design: Design) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores (prompts, keys) of the rephrases and of the negatives at their decision positions, and the keys'
+        experts."""
         keys, key_owner, key_edit = [], [], []
         for i, (x, predicts) in enumerate(edit_rows):
             q = design.query(x)[predicts]
@@ -107,29 +112,55 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         keys, key_owner, key_edit = torch.cat(keys), torch.tensor(key_owner), torch.tensor(key_edit)
         subjects = torch.stack(
             [
-                whiten(x[p].float(), *stats, normalize=True) if p is not None else torch.zeros(x.shape[1])
+                whiten(x[p if p is not None else 0].float(), *design.stats, normalize=True) * (p is not None)
                 for (x, _), p in zip(edit_rows, subject_at, strict=True)
             ]
         )
         gated = torch.tensor([p is not None for p in subject_at])[key_edit]
 
-        def scores(x: torch.Tensor, design=design, keys=keys, subjects=subjects, gated=gated, key_edit=key_edit):
+        def scores(x: torch.Tensor) -> torch.Tensor:
             s = design.query(x)[-1] @ keys.T
             if design.gate is not None:
                 open_ = design.presence(x, subjects)[-1][key_edit] >= design.gate
                 s = s.masked_fill(gated & ~open_, float("-inf"))
             return s
 
-        rephrase_scores = torch.stack([scores(x) for x, _ in rephrase_rows])
-        negative_scores = torch.stack([scores(x) for x, _ in negative_rows])
+        return (
+            torch.stack([scores(x) for x, _ in rephrase_rows]),
+            torch.stack([scores(x) for x, _ in negative_rows]),
+            key_owner,
+        )
+
+    def shares(rephrase_scores, negative_scores, key_owner, threshold: float) -> tuple[float, float]:
+        best = rephrase_scores.max(dim=1)
+        own = (best.values >= threshold) & (key_owner[best.indices] == owner)
+        return float(own.float().mean()), float((negative_scores.max(dim=1).values >= threshold).float().mean())
+
+    full = (mean, route_projection(basis, scale, basis.shape[0]))
+    lines = [
+        f"#### {dataset} (held-out: {len(requests)} edits, layer {layer}), routed at the first answer position",
+        "",
+        f"| query | subject gate | threshold | rephrase -> own expert | {negative_name} -> any expert |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (query_name, weight), gate in itertools.product(QUERIES.items(), SUBJECT_GATES):
+        scored = routed(Design(full, weight, gate))
         for threshold in THRESHOLDS:
-            best = rephrase_scores.max(dim=1)
-            own = (best.values >= threshold) & (key_owner[best.indices] == owner)
-            reached = (negative_scores.max(dim=1).values >= threshold).float().mean()
-            lines.append(
-                f"| {query_name} | {gate if gate is not None else 'none'} | {threshold} | "
-                f"{own.float().mean():.2f} | {reached:.2f} |"
-            )
+            own, reached = shares(*scored, threshold)
+            gate_name = gate if gate is not None else "none"
+            lines.append(f"| {query_name} | {gate_name} | {threshold} | {own:.2f} | {reached:.2f} |")
+    lines += [
+        "",
+        f"Key space (causal mean, subject gate 0.6, threshold 0.5; {basis.shape[1]} whitened principal directions "
+        "kept exactly, the rest reduced by a fixed random projection):",
+        "",
+        f"| route_key_dim | rephrase -> own expert | {negative_name} -> any expert |",
+        "|---:|---:|---:|",
+    ]
+    for dim in KEY_DIMS:
+        projection = route_projection(basis, scale, dim or basis.shape[0])
+        own, reached = shares(*routed(Design((mean, projection), 0.0, 0.6)), 0.5)
+        lines.append(f"| {dim or f'{basis.shape[0]} (full)'} | {own:.3f} | {reached:.3f} |")
     return lines
 
 

@@ -38,6 +38,8 @@ ROUTING_STATE = (
     "lemoe_route_mean",
     "lemoe_route_projection",
 )
+# tensors only adapters of earlier releases hold
+_EARLIER_FORMAT = ("lemoe_route_basis", "lemoe_route_scale")
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 
@@ -75,6 +77,12 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
         rows = shape[0] if shape else None
         if field in _RECORDED_SIZES and rows != _RECORDED_SIZES[field](config):
             problems.append(f"{name} has {rows} rows, expected {_RECORDED_SIZES[field](config)}")
+    if any(fields & set(_EARLIER_FORMAT) for fields in fields_by_layer.values()):
+        raise ValueError(
+            f"{path} was written by an earlier lemoe-peft (routing whitening as {sorted(_EARLIER_FORMAT)}, before "
+            "keys moved to the reduced routing space and subject keys were added); this version cannot route with "
+            "it. Load it with lemoe-peft 0.x from before these changes, or edit the facts again. Nothing was loaded."
+        )
     if problems:
         raise ValueError(
             f"{path} does not match its adapter_config.json (num_experts={config.num_experts}, "

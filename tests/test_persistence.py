@@ -114,6 +114,16 @@ def test_a_file_missing_a_tensor_is_refused(saved):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+def test_an_adapter_of_an_earlier_format_is_refused_saying_so(saved):
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    projection = next(k for k in tensors if k.endswith("lemoe_route_projection"))
+    tensors[projection.replace("projection", "basis")] = tensors.pop(projection)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="written by an earlier lemoe-peft.*Nothing was loaded"):
+        PeftModel.from_pretrained(tiny_model(), saved / "adapter")
+
+
 def test_config_disagreeing_with_the_tensors_is_refused(saved):
     config_path = saved / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())
