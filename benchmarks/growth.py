@@ -1,7 +1,8 @@
 """Cost per operation as a LEMoE adapter grows: ``add_expert``, ``add_anchors``, one routed forward and
-``save_pretrained`` at T edits (10 edits per expert, 3 anchor keys per edit), each as a ratio to the first T of the
-same run. A stream that stays flat per edit keeps the first two near 1; a forward scores every key and a save writes
-every tensor, so those two grow at most linearly with T.
+``save_pretrained`` at T edits (10 edits per expert, 3 anchor keys per edit, one subject key per edit gating its
+anchors, as the editor makes them), each as a ratio to the first T of the same run. A stream that stays flat per edit
+keeps the first two near 1; a save writes every tensor, so it grows linearly with T; a forward scores every subject
+key and the anchor keys of the subjects a text names (here none: random keys), so it grows at most linearly.
 
 The layer has SmolLM2-135M's widths (d_in 1536, d_out 576, rank 16) in a 2-layer model with random weights, so the
 storage is realistic and the model itself costs little. ``--before DIR`` measures another checkout of the library
@@ -55,17 +56,27 @@ def _new_model():
 
 
 def _grow(model, edits: int, costs: dict[str, list[float]]) -> None:
-    """Add ``edits`` edits' experts and (random, unit-norm) anchor keys, appending each call's seconds to ``costs``."""
+    """Add ``edits`` edits' experts and (random, unit-norm) anchor keys, appending each call's seconds to ``costs``.
+    Libraries with subject gates get one subject key per edit gating its anchors, as the editor gives them."""
     tuner = model.base_model
-    (layer_name,) = tuner.lemoe_layers()
+    ((layer_name, layer),) = tuner.lemoe_layers().items()
+    width = layer.lemoe_keys["default"].shape[1]
+    gated = hasattr(layer, "lemoe_subjects")
     for _ in range(edits // EDITS_PER_EXPERT):
         started = time.perf_counter()
         expert = tuner.add_expert()
         costs["add_expert"].append(time.perf_counter() - started)
-        keys = torch.randn(EDITS_PER_EXPERT * ANCHORS_PER_EDIT, MODEL["intermediate_size"])
+        keys = torch.randn(EDITS_PER_EXPERT * ANCHORS_PER_EDIT, width)
         keys = {layer_name: torch.nn.functional.normalize(keys)}
+        subjects = {}
+        if gated:
+            subject_keys = torch.nn.functional.normalize(torch.randn(EDITS_PER_EXPERT, width))
+            subjects = {
+                "subjects": {layer_name: subject_keys},
+                "key_subject": torch.arange(EDITS_PER_EXPERT).repeat_interleave(ANCHORS_PER_EDIT),
+            }
         started = time.perf_counter()
-        tuner.add_anchors(expert, keys, threshold=0.0)  # threshold 0: every token is routed to an expert
+        tuner.add_anchors(expert, keys, threshold=0.0, **subjects)  # threshold 0: every key scored is a candidate
         costs["add_anchors"].append(time.perf_counter() - started)
 
 
