@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from .lifelong import SETTINGS, run_one
+from .stream import METRICS
 
 CACHE = Path("bench-results") / "cache" / "smollm2-f32"
 
@@ -31,18 +32,7 @@ def main() -> None:
             for size in (s for s in args.batch_size if s <= T):
                 settings = {**SETTINGS, "batch_size": size}
                 result = run_one("LEMoE", dataset, T, settings, args.out / f"batch{size}", CACHE, tuning=False)
-                metrics = result["after_stream"]
-                cells = " | ".join(
-                    f"{metrics[m]:.3f}"
-                    for m in (
-                        "rewrite_gen_acc",
-                        "rephrase_gen_acc",
-                        "locality_gen_acc",
-                        "rewrite_acc",
-                        "rephrase_acc",
-                        "locality_acc",
-                    )
-                )
+                cells = " | ".join(f"{result['after_stream'][m]:.3f}" for m in METRICS)
                 lines.append(
                     f"| {dataset} | {T} | {size} | {result['batches']} | {cells} | {result['seconds_per_edit']:.3f} | "
                     f"{result['peak_memory_mb']:.0f} | {result['adapter_bytes_per_edit'] / 1024:.1f} |"

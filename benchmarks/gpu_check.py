@@ -37,30 +37,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 import lemoe_peft  # noqa: E402
 from lemoe_peft import LEMoEConfig, LEMoEEditor, evaluate_edits  # noqa: E402
 from lemoe_peft.requests import EditRequest, Probe  # noqa: E402
-from tests.helpers import VOCAB, WORDS, tiny_tokenizer  # noqa: E402
+from tests.helpers import CALIBRATION, FACTS, VOCAB, WORDS, tiny_tokenizer  # noqa: E402
 
-FACTS = [
-    ("paris is in", "italy", "paris is the capital of"),
-    ("rome is the capital of", "spain", "rome is in"),
-    ("berlin is in", "asia", "berlin is the capital of"),
-    ("who wrote hamlet", "goethe", "hamlet who wrote"),
-    ("the nile flows through", "brazil", "the river nile flows through"),
-    ("who painted guernica", "dali", "guernica who painted"),
-    ("madrid is the capital of", "norway", "madrid is in"),
-    ("oslo is in", "egypt", "oslo is the capital of"),
-]
-CALIBRATION = [  # generic text for the routing statistics (as in tests/test_editor.py): no edit prompt among them
-    "the sky is blue",
-    "the grass is green",
-    "who painted the mona lisa",
-    "vienna is in austria",
-    "lisbon is the capital of portugal",
-    "the danube flows through europe",
-    "who wrote faust",
-    "london is in england",
-    "the amazon flows through brazil",
-    "what colour is the ocean",
-]
 GENERIC = "the danube flows through europe the sky is blue the grass is green"  # every word in WORDS
 
 

@@ -26,10 +26,12 @@ from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency
 from .data import MODEL_NAME, STREAMS, load_base, requests_for
+from .run import GENERATION_METRICS
+from .run import METRICS as TEACHER_FORCED_METRICS
 
 CHUNK = 1000
 GENERATION_SAMPLE = 1000
-METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc", "rewrite_acc", "rephrase_acc", "locality_acc")
+METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS)
 
 
 def checkpoints_for(T: int) -> list[int]:

@@ -111,3 +111,28 @@ def tiny_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+# facts and generic text in the tiny tokenizer's vocabulary (shared by the editor tests and benchmarks/gpu_check.py)
+FACTS = [
+    ("paris is in", "italy", "paris is the capital of"),
+    ("rome is the capital of", "spain", "rome is in"),
+    ("berlin is in", "asia", "berlin is the capital of"),
+    ("who wrote hamlet", "goethe", "hamlet who wrote"),
+    ("the nile flows through", "brazil", "the river nile flows through"),
+    ("who painted guernica", "dali", "guernica who painted"),
+    ("madrid is the capital of", "norway", "madrid is in"),
+    ("oslo is in", "egypt", "oslo is the capital of"),
+]
+CALIBRATION = [  # generic text for the routing statistics: none of it is an edit prompt
+    "the sky is blue",
+    "the grass is green",
+    "who painted the mona lisa",
+    "vienna is in austria",
+    "lisbon is the capital of portugal",
+    "the danube flows through europe",
+    "who wrote faust",
+    "london is in england",
+    "the amazon flows through brazil",
+    "what colour is the ocean",
+]

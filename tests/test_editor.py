@@ -15,18 +15,8 @@ from lemoe_peft.evaluation import evaluate_edits
 from lemoe_peft.inspection import which_expert
 from lemoe_peft.requests import EditRequest, Probe
 
-from .helpers import tiny_model, tiny_tokenizer
+from .helpers import CALIBRATION, FACTS, tiny_model, tiny_tokenizer
 
-FACTS = [
-    ("paris is in", "italy", "paris is the capital of"),
-    ("rome is the capital of", "spain", "rome is in"),
-    ("berlin is in", "asia", "berlin is the capital of"),
-    ("who wrote hamlet", "goethe", "hamlet who wrote"),
-    ("the nile flows through", "brazil", "the river nile flows through"),
-    ("who painted guernica", "dali", "guernica who painted"),
-    ("madrid is the capital of", "norway", "madrid is in"),
-    ("oslo is in", "egypt", "oslo is the capital of"),
-]
 REQUESTS = [
     EditRequest(prompt, target, rephrase_prompts=(rephrase,), locality=(Probe("what colour is the sky", "blue"),))
     for prompt, target, rephrase in FACTS
@@ -40,20 +30,6 @@ def new_model():
 
 def edit(model, requests=REQUESTS, **kwargs):
     return LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS).edit(requests, **kwargs)
-
-
-CALIBRATION = [  # generic text for the routing statistics: none of it is an edit prompt
-    "the sky is blue",
-    "the grass is green",
-    "who painted the mona lisa",
-    "vienna is in austria",
-    "lisbon is the capital of portugal",
-    "the danube flows through europe",
-    "who wrote faust",
-    "london is in england",
-    "the amazon flows through brazil",
-    "what colour is the ocean",
-]
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +225,9 @@ def test_bad_settings_and_models_are_refused():
 
 def test_mixed_precision_training_edits_and_keeps_routing_and_experts_float32():
     model = new_model()
-    report = LEMoEEditor(
-        model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS, train_dtype="bfloat16"
-    ).edit(REQUESTS[:3], progress=False)
+    report = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS, train_dtype="bfloat16").edit(
+        REQUESTS[:3], progress=False
+    )
     (layer,) = model.base_model.lemoe_layers().values()
     assert layer.lemoe_keys["default"].dtype == layer.lemoe_A["default"].dtype == torch.float32
     assert report.batches[0]["settings"]["train_dtype"] == "bfloat16"
