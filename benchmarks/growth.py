@@ -70,7 +70,8 @@ def _grow(model, edits: int, costs: dict[str, list[float]]) -> None:
         keys = {layer_name: torch.nn.functional.normalize(keys)}
         subjects = {}
         if gated:
-            subject_keys = torch.nn.functional.normalize(torch.randn(EDITS_PER_EXPERT, width))
+            subject_width = layer.lemoe_subjects["default"].shape[1]
+            subject_keys = torch.nn.functional.normalize(torch.randn(EDITS_PER_EXPERT, subject_width))
             subjects = {
                 "subjects": {layer_name: subject_keys},
                 "key_subject": torch.arange(EDITS_PER_EXPERT).repeat_interleave(ANCHORS_PER_EDIT),

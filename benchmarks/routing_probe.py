@@ -33,7 +33,14 @@ from lemoe_peft.teacher_forcing import encode, token_position
 from .data import load_base, requests_for
 
 EXPERT_SIZE = 10
-QUERIES = {"causal mean": 0.0, "mean + last token (1:1)": 0.5, "last token": 1.0}  # weight of the token part
+# route_pooling and the weight of the token part (route_token_weight)
+QUERIES = {
+    "causal mean": ("causal_mean", 0.0),
+    "mean + last token (3:1)": ("mean_and_token", 0.25),
+    "mean + last token (1:1)": ("mean_and_token", 0.5),
+    "last token": ("token", 1.0),
+}
+KEY_DIM = 256  # the default route_key_dim: mean_and_token keys hold two halves of 128
 SUBJECT_GATES = (None, 0.6)
 THRESHOLDS = (0.4, 0.5, 0.6)
 KEY_DIMS = (0, 128, 256, 384)  # 0: the full input width
@@ -62,13 +69,14 @@ def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
 
 
 class Design:
-    """One routing design on a fixed whitening: ``stats`` is (mean, projection), see ``route_projection``."""
+    """One routing design on a fixed whitening: ``stats`` is (mean, projection) of one query part, see
+    ``route_projection``; subject keys and tokens meet in that space too, as in ``LEMoELayer``."""
 
     def __init__(self, stats, token_weight: float, subject_gate: float | None) -> None:
         self.stats, self.weight, self.gate = stats, token_weight, subject_gate
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, d') queries whose dot products are the design's scores."""
+        """(T, k) queries whose dot products are the design's scores, (1 - w) cos(means) + w cos(tokens)."""
         parts = [(1 - self.weight, causal_mean(x[None])[0][0]), (self.weight, x.float())]
         return torch.cat([whiten(p, *self.stats, normalize=True) * w**0.5 for w, p in parts if w > 0], dim=-1)
 
@@ -136,15 +144,18 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         own = (best.values >= threshold) & (key_owner[best.indices] == owner)
         return float(own.float().mean()), float((negative_scores.max(dim=1).values >= threshold).float().mean())
 
-    full = (mean, route_projection(basis, scale, basis.shape[0]))
+    parts = {pooling: 2 if pooling == "mean_and_token" else 1 for pooling, _ in QUERIES.values()}
     lines = [
         f"#### {dataset} (held-out: {len(requests)} edits, layer {layer}), routed at the first answer position",
+        "",
+        f"Keys {KEY_DIM} wide (`route_key_dim`; mean + last token: {KEY_DIM // 2} for each part).",
         "",
         f"| query | subject gate | threshold | rephrase -> own expert | {negative_name} -> any expert |",
         "|---|---|---:|---:|---:|",
     ]
-    for (query_name, weight), gate in itertools.product(QUERIES.items(), SUBJECT_GATES):
-        scored = routed(Design(full, weight, gate))
+    for (query_name, (pooling, weight)), gate in itertools.product(QUERIES.items(), SUBJECT_GATES):
+        stats = (mean, route_projection(basis, scale, KEY_DIM // parts[pooling]))
+        scored = routed(Design(stats, weight, gate))
         for threshold in THRESHOLDS:
             own, reached = shares(*scored, threshold)
             gate_name = gate if gate is not None else "none"

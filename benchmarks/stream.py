@@ -22,6 +22,7 @@ from peft import PeftModel, get_peft_model
 
 from lemoe_peft import GenerationSettings, LEMoEConfig, LEMoEEditor, evaluate_edits
 from lemoe_peft.adapter_file import ADAPTER_WEIGHTS
+from lemoe_peft.checkpoint import has_checkpoint
 from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency
@@ -31,6 +32,7 @@ from .run import METRICS as TEACHER_FORCED_METRICS
 
 CHUNK = 1000
 GENERATION_SAMPLE = 1000
+ROUTING = ("route_pooling", "route_token_weight", "route_key_dim", "route_subject_threshold")
 METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS)
 
 
@@ -83,7 +85,7 @@ def _checkpoint_result(model, tokenizer, done, adapter: Path, cache: Path, setti
             "T": len(done),
             "stream_T": T,
             "model": MODEL_NAME,
-            "settings": {**settings, **{k: getattr(config, k) for k in ("route_key_dim", "route_subject_threshold")}},
+            "settings": {**settings, **{k: getattr(config, k) for k in ROUTING}},
             "generation": f"greedy generate() on a fixed random sample of {GENERATION_SAMPLE} of the edits so far",
         },
         "after_stream": metrics,
@@ -108,9 +110,13 @@ def run(T: int, settings: dict, cache: Path, out: Path) -> list[dict]:
     torch.manual_seed(settings["seed"])
     requests = requests_for("counterfact-train", T)
     base, tokenizer = load_base(cache)
-    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
-    editor = LEMoEEditor(model, tokenizer, **settings)
     adapter = out / "adapter"
+    routing = {}
+    if has_checkpoint(adapter):  # a resumed stream keeps the routing it started with, even if the defaults moved on
+        saved = LEMoEConfig.from_pretrained(str(adapter))
+        routing = {name: getattr(saved, name) for name in ROUTING}
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **routing))
+    editor = LEMoEEditor(model, tokenizer, **settings)
     results = []
     for end in range(CHUNK, T + CHUNK, CHUNK):
         chunk = requests[end - CHUNK : min(end, T)]

@@ -33,7 +33,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # Config keys under which transformers configs store their number of decoder layers.
 _NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
-ROUTE_POOLINGS = ("causal_mean", "token")
+ROUTE_POOLINGS = ("causal_mean", "token", "mean_and_token")
 ROUTE_SIMILARITIES = ("cosine", "dot")
 EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
@@ -86,9 +86,16 @@ class LEMoEConfig(PeftConfig):
     num_anchors: int = field(default=0, metadata={"help": "Number of anchor keys held (grows with add_anchors)."})
     num_subjects: int = field(default=0, metadata={"help": "Number of subject keys held (grows with add_anchors)."})
     top_k: int = field(default=1, metadata={"help": "Experts mixed per token among those whose anchors match."})
-    route_pooling: Literal["causal_mean", "token"] = field(
-        default="causal_mean",
-        metadata={"help": "Routing query: running mean of the layer input over the tokens so far, or the token alone."},
+    route_pooling: Literal["causal_mean", "token", "mean_and_token"] = field(
+        default="mean_and_token",
+        metadata={
+            "help": "Routing query: running mean of the layer input over the tokens so far, the token alone, or both "
+            "(each whitened and normalized on its own, half of route_key_dim each, mixed by route_token_weight)."
+        },
+    )
+    route_token_weight: float = field(
+        default=0.5,
+        metadata={"help": "With route_pooling='mean_and_token': weight w of the token, score = (1-w) mean + w token."},
     )
     route_similarity: Literal["cosine", "dot"] = field(
         default="cosine", metadata={"help": "Score between a query and an anchor key."}
@@ -171,6 +178,7 @@ class LEMoEConfig(PeftConfig):
             (isinstance(self.top_k, int) and self.top_k >= 1, "top_k must be an integer >= 1"),
             (0.0 < self.layer_depth <= 1.0, "layer_depth must lie in (0, 1]"),
             (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),
+            (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),
             (self.expert_activation in EXPERT_ACTIVATIONS, f"expert_activation must be one of {EXPERT_ACTIVATIONS}"),
             (isinstance(self.route_whiten_rank, int) and self.route_whiten_rank >= 0, "route_whiten_rank must be >= 0"),

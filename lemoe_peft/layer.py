@@ -9,7 +9,8 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 * ``lemoe_subjects`` ``(S, k)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
   experts; ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` ``(d_in,)`` and ``lemoe_route_projection`` ``(d_in, k)``: the whitening that maps routing
-  queries into the k-dimensional space of the keys (``k = route_key_dim``).
+  queries into the k-dimensional space of the keys (``k = route_key_dim``; ``mean_and_token`` queries whiten their
+  two halves apart, ``k / 2`` wide each, and subject keys have one half's width).
 
 The stacks that grow with the stream (frozen experts, anchor keys, owners, thresholds) are prefix views of a storage
 with spare rows (:func:`append_rows`), so adding an expert or anchors copies only the new rows: amortized O(1) per
@@ -19,6 +20,7 @@ addition instead of a copy of everything stored. ``state_dict`` and safetensors 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,7 @@ class RouteSettings:
     """The per-adapter routing settings of a layer (copied from ``LEMoEConfig``)."""
 
     pooling: str
+    token_weight: float
     similarity: str
     top_k: int
     temperature: float
@@ -69,6 +72,7 @@ class RouteSettings:
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
         return cls(
             config.route_pooling,
+            config.route_token_weight,
             config.route_similarity,
             config.top_k,
             config.route_temperature,
@@ -167,7 +171,8 @@ class LEMoELayer(BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: LEMoEConfig, **kwargs: Any) -> None:
         """Create the adapter's tensors with the shapes recorded in ``config`` (values come from training or a load)."""
         d_in, d_out, rank = self.in_features, self.out_features, config.expert_rank
-        d_key = min(config.route_key_dim or d_in, d_in)
+        parts = 2 if config.route_pooling == "mean_and_token" else 1
+        d_key = min((config.route_key_dim or parts * d_in) // parts, d_in)  # the width of one whitened part
         self.lemoe_settings[adapter_name] = RouteSettings.from_config(config)
         experts = [self._new_expert(rank, config.init_weights) for _ in range(config.num_experts)]
         frozen = experts[:-1]
@@ -181,7 +186,7 @@ class LEMoELayer(BaseTunerLayer):
             del self.lemoe_A[adapter_name], self.lemoe_B[adapter_name]
         if experts:
             self.lemoe_A[adapter_name], self.lemoe_B[adapter_name] = map(nn.Parameter, experts[-1])
-        self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, d_key)
+        self.lemoe_keys[adapter_name] = torch.zeros(config.num_anchors, parts * d_key)
         self.lemoe_key_expert[adapter_name] = torch.zeros(config.num_anchors, dtype=torch.long)
         self.lemoe_key_threshold[adapter_name] = torch.full((config.num_anchors,), float(config.route_threshold))
         self.lemoe_key_subject[adapter_name] = torch.full((config.num_anchors,), -1, dtype=torch.long)
@@ -295,14 +300,17 @@ class LEMoELayer(BaseTunerLayer):
         if keys.dim() != 2 or keys.shape[1] != old.shape[1]:
             raise ValueError(f"Anchor keys must have shape (n, {old.shape[1]}), got {tuple(keys.shape)}.")
         n, device = keys.shape[0], old.device
-        subjects = keys.new_zeros(0, keys.shape[1]) if subjects is None else subjects
+        subjects = keys.new_zeros(0, self.lemoe_subjects[adapter_name].shape[1]) if subjects is None else subjects
         key_subject = torch.full((n,), -1) if key_subject is None else key_subject
         if (
-            subjects.shape[1:] != keys.shape[1:]
+            subjects.shape[1:] != self.lemoe_subjects[adapter_name].shape[1:]
             or key_subject.shape != (n,)
             or (n > 0 and int(key_subject.max()) >= len(subjects))
         ):
-            raise ValueError("Subject keys must have the anchors' width, and key_subject one index (or -1) per anchor.")
+            raise ValueError(
+                f"Subject keys must have shape (s, {self.lemoe_subjects[adapter_name].shape[1]}), and key_subject one "
+                "index (or -1) per anchor."
+            )
         first_subject = self.lemoe_subjects[adapter_name].shape[0]
         key_subject = key_subject.to(device=device, dtype=torch.long)
         growth = {
@@ -330,9 +338,11 @@ class LEMoELayer(BaseTunerLayer):
         self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject)
 
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
-        """Set the routing whitening from pooled queries (n, d_in) of generic text. Anchors must not exist yet."""
+        """Set the routing whitening from pooled queries (n, d_in) of generic text (of ``mean_and_token`` queries,
+        the means). Anchors must not exist yet."""
         if self.num_anchors(adapter_name) > 0:
             raise RuntimeError("Routing calibration is frozen once anchors exist: re-calibrating would move them.")
+        samples = samples[..., : self.in_features]
         mean, basis, scale = whitening_statistics(samples, self.lemoe_settings[adapter_name].whiten_rank)
         projection = self.lemoe_route_projection[adapter_name]
         self.lemoe_route_mean[adapter_name] = mean.to(self.lemoe_route_mean[adapter_name])
@@ -341,17 +351,32 @@ class LEMoELayer(BaseTunerLayer):
     # ---------------------------------------------------------------------------------------------------- routing
     def pooled_queries(self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix."""
-        if self.lemoe_settings[adapter_name].pooling == "token":
+        return self._pooled(adapter_name, x, lambda: causal_mean(x, valid)[0])
+
+    def _pooled(self, adapter_name: str, x: torch.Tensor, means: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Raw queries from the tokens ``x`` and their running ``means``: (..., d_in), or (..., 2 d_in) holding both
+        for ``mean_and_token``."""
+        pooling = self.lemoe_settings[adapter_name].pooling
+        if pooling == "token":
             return x.float()
-        return causal_mean(x, valid)[0]
+        return torch.cat([means(), x.float()], dim=-1) if pooling == "mean_and_token" else means()
 
     def route_queries(self, adapter_name: str, pooled: torch.Tensor) -> torch.Tensor:
-        """Map raw pooled queries into the space where anchor keys live."""
-        return whiten(
-            pooled.float(),
-            self.lemoe_route_mean[adapter_name].float(),
-            self.lemoe_route_projection[adapter_name].float(),
-            normalize=self.lemoe_settings[adapter_name].similarity == "cosine",
+        """Map raw pooled queries into the space where anchor keys live. With ``mean_and_token`` the two halves are
+        whitened apart and weighted so that a cosine score is ``(1 - w) cos(means) + w cos(tokens)``."""
+        settings = self.lemoe_settings[adapter_name]
+        mean = self.lemoe_route_mean[adapter_name].float()
+        projection = self.lemoe_route_projection[adapter_name].float()
+        normalize = settings.similarity == "cosine"
+        if settings.pooling != "mean_and_token":
+            return whiten(pooled.float(), mean, projection, normalize)
+        means, tokens = pooled.float().split(mean.shape[0], dim=-1)
+        return torch.cat(
+            [
+                whiten(means, mean, projection, normalize) * (1 - settings.token_weight) ** 0.5,
+                whiten(tokens, mean, projection, normalize) * settings.token_weight**0.5,
+            ],
+            dim=-1,
         )
 
     def subject_queries(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
@@ -434,7 +459,6 @@ class LEMoELayer(BaseTunerLayer):
             call.update(valid=valid, prefix=prefix, means=means, counts=counts, state=RouteState(sums))
             if context is not None:
                 context.updated[id(self)] = call["state"]
-        settings = self.lemoe_settings[adapter_name]
         prefix = call["prefix"]
         read, presence = self.subject_gate(
             adapter_name,
@@ -445,8 +469,7 @@ class LEMoELayer(BaseTunerLayer):
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
-        pooled = x.float() if settings.pooling == "token" else call["means"]
-        return self.route(adapter_name, pooled, read)
+        return self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
 
     # ---------------------------------------------------------------------------------------------------- experts
     def newest_expert(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:

@@ -174,7 +174,9 @@ def test_a_stream_without_task_type_resumes(tmp_path):
     edit(model, REQUESTS[:3], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
     resumed = get_peft_model(tiny_model(), LEMoEConfig())
     report = edit(resumed, REQUESTS[:6], checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
-    assert report.skipped == 3 and resumed.peft_config["default"].num_experts == 2
+    config = resumed.peft_config["default"]
+    assert report.skipped == 3 and config.num_experts == 1 + len(report.batches)
+    assert sum(len(record["requests"]) for record in config.edit_log) == 6
 
 
 def test_editing_continues_after_from_pretrained(tmp_path):

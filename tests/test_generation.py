@@ -146,7 +146,8 @@ def test_batched_left_padded_generation_gives_the_tokens_of_one_prompt_at_a_time
     assert [len(tokens) for tokens in plain] == budgets
 
     edited = get_peft_model(model, LEMoEConfig(task_type="CAUSAL_LM"))
-    give_expert(edited, torch.tensor([ids("sky")]), scale=2.0)  # the shortest prompt: left-padded in its batch
+    # the shortest prompt (left-padded in its batch), anchored with its unedited continuation
+    give_expert(edited, torch.tensor([ids("sky") + plain[3]]), scale=2.0)
     alone = one_at_a_time(edited)
     assert alone[3] != plain[3], "the expert changes what the anchored prompt generates"
     assert greedy_continuations(edited, TOKENIZER, PROMPTS, budgets, batch_size=16) == alone

@@ -13,6 +13,7 @@ from lemoe_peft.layer import append_rows
 from .helpers import give_expert, tiny_model, token_batch
 
 INPUTS = token_batch()
+KEY_WIDTH = 2 * 64  # mean and token halves, each the tiny model's full FFN width
 
 
 def grown_model(experts: int = 5):
@@ -50,9 +51,10 @@ def test_grown_stacks_save_only_live_rows_and_reload_bit_exact(tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     shapes = {name.rsplit(".", 1)[-1]: tuple(tensor.shape) for name, tensor in saved.items()}
     assert shapes["lemoe_frozen_A"] == (4, 64, 4) and shapes["lemoe_frozen_B"] == (4, 4, 32)
-    assert shapes["lemoe_keys"] == (5 * INPUTS.numel(), 64) and shapes["lemoe_key_expert"] == (5 * INPUTS.numel(),)
+    assert shapes["lemoe_keys"] == (5 * INPUTS.numel(), KEY_WIDTH)
+    assert shapes["lemoe_key_expert"] == (5 * INPUTS.numel(),)
     state = model.base_model.model.state_dict()
-    assert state["model.layers.3.mlp.down_proj.lemoe_keys.default"].shape == (5 * INPUTS.numel(), 64)
+    assert state["model.layers.3.mlp.down_proj.lemoe_keys.default"].shape == (5 * INPUTS.numel(), KEY_WIDTH)
     reloaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(INPUTS).logits, expected)
@@ -69,9 +71,9 @@ def test_remove_replace_and_copies_after_growth():
     give_expert(model, INPUTS)
     assert torch.equal(layer.lemoe_frozen_A["default"][:4], frozen[:4]), "the re-added newest expert froze in place"
     assert layer.lemoe_keys["default"].shape[0] == model.peft_config["default"].num_anchors
-    keys = {name: torch.ones(INPUTS.numel(), 64) for name in model.base_model.lemoe_layers()}
+    keys = {name: torch.ones(INPUTS.numel(), KEY_WIDTH) for name in model.base_model.lemoe_layers()}
     model.base_model.replace_anchors(4, keys)
-    assert torch.equal(layer.lemoe_keys["default"][-INPUTS.numel() :], torch.ones(INPUTS.numel(), 64))
+    assert torch.equal(layer.lemoe_keys["default"][-INPUTS.numel() :], torch.ones(INPUTS.numel(), KEY_WIDTH))
     assert torch.equal(layer.lemoe_key_expert["default"][-INPUTS.numel() :], torch.full((INPUTS.numel(),), 4))
     copied_layer = next(iter(copied.base_model.lemoe_layers().values()))
     assert torch.equal(copied_layer.lemoe_frozen_A["default"], frozen), "a deep copy owns its own storage"

@@ -43,7 +43,8 @@ def test_adapter_folder_holds_only_json_safetensors_and_the_card(saved):
     assert config["num_experts"] == 2 and config["num_anchors"] == 2 * INPUTS.numel()
     tensors = load_file(saved / "adapter" / "adapter_model.safetensors")
     assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_frozen_A"].shape == (1, 64, 4)
-    assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_keys"].shape == (2 * INPUTS.numel(), 64)
+    keys = tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_keys"]
+    assert keys.shape == (2 * INPUTS.numel(), 2 * 64)  # the mean and the token half
     card = (saved / "adapter" / "README.md").read_text()
     assert "Experts: 2 (rank 4)" in card and str(saved / "base") in card and "import lemoe_peft" in card
 

@@ -1,5 +1,6 @@
 """KV anchor routing: its pieces, and the consistency the method is named for (teacher-forced vs cached generation)."""
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -73,8 +74,8 @@ def test_select_experts_thresholds_ties_and_top_k():
     assert experts.tolist() == [[1, 0]] and torch.allclose(weights.sum(), torch.tensor(1.0))
 
 
-def _edited_model():
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+def _edited_model(pooling: str = "causal_mean"):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling))
     prompt = token_batch(1, 6, seed=3)
     with torch.no_grad():
         continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -82,8 +83,9 @@ def _edited_model():
     return model, prompt
 
 
-def test_generation_with_kv_cache_routes_like_teacher_forcing():
-    model, prompt = _edited_model()
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
+def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
+    model, prompt = _edited_model(pooling)
     with torch.no_grad():
         out = model.generate(
             prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -120,10 +122,10 @@ def test_subject_presence_is_a_running_max_that_skips_the_first_token_and_paddin
     assert torch.equal(torch.cat([first, rest], dim=1), best), "continuing from a prefix is exact"
 
 
-def _gated_model(subject_position: int):
+def _gated_model(subject_position: int, pooling: str = "causal_mean"):
     """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject key
     taken at ``subject_position`` of that sequence."""
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling))
     prompt = token_batch(1, 6, seed=3)
     with torch.no_grad():
         continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -143,8 +145,9 @@ def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject():
     assert model.peft_config["default"].num_subjects == 1
 
 
-def test_generation_with_a_subject_gate_routes_like_teacher_forcing():
-    model, prompt, _ = _gated_model(subject_position=2)
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
+def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling):
+    model, prompt, _ = _gated_model(subject_position=2, pooling=pooling)
     with torch.no_grad():
         out = model.generate(
             prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -180,7 +183,8 @@ def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(
 
 
 def test_keys_live_in_a_space_of_route_key_dim_dimensions():
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_key_dim=16))
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_key_dim=16, route_pooling="causal_mean")
+    model = get_peft_model(tiny_model(), config)
     give_expert(model, token_batch(1, 6, seed=5), subject_position=2)
     (layer,) = model.base_model.lemoe_layers().values()
     assert layer.lemoe_keys["default"].shape[1] == 16 and layer.lemoe_subjects["default"].shape[1] == 16
@@ -189,3 +193,30 @@ def test_keys_live_in_a_space_of_route_key_dim_dimensions():
         model(input_ids=token_batch(1, 6, seed=5))
     experts, _ = layer.route_sequences("default", *captured[next(iter(captured))])
     assert (experts[0, 2:, 0] == 0).all(), "the anchored sequence still routes to its expert in the reduced space"
+
+
+def test_mean_and_token_queries_score_a_weighted_sum_of_the_two_cosines():
+    config = dict(route_pooling="mean_and_token", route_token_weight=0.25, route_key_dim=16)
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", **config))
+    anchored = token_batch(1, 6, seed=5)
+    give_expert(model, anchored, subject_position=2)
+    (layer,) = model.base_model.lemoe_layers().values()
+    assert layer.lemoe_keys["default"].shape[1] == 16, "route_key_dim is the width of a key, both halves together"
+    assert layer.lemoe_subjects["default"].shape[1] == 8 and layer.lemoe_route_projection["default"].shape[1] == 8
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(input_ids=token_batch(1, 7, seed=6))
+    x, valid = captured[next(iter(captured))]
+    score = layer.route_queries("default", layer.pooled_queries("default", x, valid)) @ layer.lemoe_keys["default"].T
+    stats = layer.lemoe_route_mean["default"], layer.lemoe_route_projection["default"]
+    key_means, key_tokens = (whiten(part, *stats, normalize=True) for part in _raw_parts(model, layer, anchored))
+    means, tokens = whiten(causal_mean(x)[0], *stats, normalize=True), whiten(x, *stats, normalize=True)
+    expected = 0.75 * means @ key_means.T + 0.25 * tokens @ key_tokens.T
+    assert torch.allclose(score, expected, atol=1e-5)
+
+
+def _raw_parts(model, layer, input_ids):
+    """Running means and tokens (T, d_in) of ``input_ids`` at ``layer``'s input."""
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(input_ids=input_ids)
+    x = captured[next(iter(captured))][0]
+    return causal_mean(x)[0][0], x[0]
