@@ -115,7 +115,7 @@ class LEMoEConfig(PeftConfig):
         metadata={"help": "Default score an input needs to reach an anchor; below it the FFN is untouched."},
     )
     route_subject_threshold: float | None = field(
-        default=0.6,
+        default=0.65,
         metadata={
             "help": "Cosine a token of the input must reach with an edit's subject key before that edit's anchors "
             "serve it (None: no subject gate)."
