@@ -5,7 +5,7 @@ routed *at the first answer position* (the last prompt token, where generation d
 rephrased prompts, which should reach their own edit's expert, and prompts that should reach none: on KnowEdit's
 ZsRE test split the same subject asked about another relation, on CounterFact's train split the same relation and
 template asked about another subject (its neighbourhood prompts). Experts hold 10 edits each, in arrival order.
-A second table compares the width of the space where queries meet keys (``route_key_dim``) for the default design.
+A second table compares the width of the keys (``route_key_dim``) for the default design.
 
     python -m benchmarks.routing_probe            # ZsRE test-all (KnowEdit) and CounterFact train, 300 edits each
 """
@@ -41,9 +41,9 @@ QUERIES = {
     "last token": ("token", 1.0),
 }
 KEY_DIM = 256  # the default route_key_dim: mean_and_token keys hold two halves of 128
-SUBJECT_GATES = (None, 0.6)
+SUBJECT_GATES = (None, 0.6, 0.65)
 THRESHOLDS = (0.4, 0.5, 0.6)
-KEY_DIMS = (0, 128, 256, 384)  # 0: the full input width
+KEY_DIMS = (0, 128, 256, 512)  # 0: the full input width per half
 
 
 def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
@@ -162,16 +162,17 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
             lines.append(f"| {query_name} | {gate_name} | {threshold} | {own:.2f} | {reached:.2f} |")
     lines += [
         "",
-        f"Key space (causal mean, subject gate 0.6, threshold 0.5; {basis.shape[1]} whitened principal directions "
-        "kept exactly, the rest reduced by a fixed random projection):",
+        f"Key space (the default: mean + last token 1:1, subject gate 0.65, threshold 0.5; per half, "
+        f"{basis.shape[1]} whitened principal directions kept exactly, the rest reduced by a fixed random projection):",
         "",
         f"| route_key_dim | rephrase -> own expert | {negative_name} -> any expert |",
         "|---:|---:|---:|",
     ]
+    width = basis.shape[0]
     for dim in KEY_DIMS:
-        projection = route_projection(basis, scale, dim or basis.shape[0])
-        own, reached = shares(*routed(Design((mean, projection), 0.0, 0.6)), 0.5)
-        lines.append(f"| {dim or f'{basis.shape[0]} (full)'} | {own:.3f} | {reached:.3f} |")
+        projection = route_projection(basis, scale, (dim or 2 * width) // 2)
+        own, reached = shares(*routed(Design((mean, projection), 0.5, 0.65)), 0.5)
+        lines.append(f"| {dim or f'{2 * width} (full)'} | {own:.3f} | {reached:.3f} |")
     return lines
 
 
