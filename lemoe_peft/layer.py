@@ -300,16 +300,16 @@ class LEMoELayer(BaseTunerLayer):
         if keys.dim() != 2 or keys.shape[1] != old.shape[1]:
             raise ValueError(f"Anchor keys must have shape (n, {old.shape[1]}), got {tuple(keys.shape)}.")
         n, device = keys.shape[0], old.device
-        subjects = keys.new_zeros(0, self.lemoe_subjects[adapter_name].shape[1]) if subjects is None else subjects
+        subject_width = self.lemoe_subjects[adapter_name].shape[1]
+        subjects = keys.new_zeros(0, subject_width) if subjects is None else subjects
         key_subject = torch.full((n,), -1) if key_subject is None else key_subject
         if (
-            subjects.shape[1:] != self.lemoe_subjects[adapter_name].shape[1:]
+            subjects.shape[1:] != (subject_width,)
             or key_subject.shape != (n,)
             or (n > 0 and int(key_subject.max()) >= len(subjects))
         ):
             raise ValueError(
-                f"Subject keys must have shape (s, {self.lemoe_subjects[adapter_name].shape[1]}), and key_subject one "
-                "index (or -1) per anchor."
+                f"Subject keys must have shape (s, {subject_width}), and key_subject one index (or -1) per anchor."
             )
         first_subject = self.lemoe_subjects[adapter_name].shape[0]
         key_subject = key_subject.to(device=device, dtype=torch.long)
