@@ -2,11 +2,13 @@
 batches (one expert per batch) against the lifelong stream of batches of 10, same settings otherwise.
 
     python -m benchmarks.batch_editing --dataset zsre counterfact --T 100 --batch-size 10 100
+    python -m benchmarks.batch_editing --T 1000 --batch-size 10 1000 --settings '{"train_dtype": "bfloat16"}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .lifelong import SETTINGS, run_one
@@ -20,6 +22,7 @@ def main() -> None:
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", nargs="+", type=int, default=[100])
     parser.add_argument("--batch-size", nargs="+", type=int, default=[10, 100])
+    parser.add_argument("--settings", type=json.loads, default={}, help="JSON overriding the benchmark's settings")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "batch")
     args = parser.parse_args()
     lines = [
@@ -30,7 +33,7 @@ def main() -> None:
     for dataset in args.dataset:
         for T in args.T:
             for size in (s for s in args.batch_size if s <= T):
-                settings = {**SETTINGS, "batch_size": size}
+                settings = {**SETTINGS, **args.settings, "batch_size": size}
                 result = run_one("LEMoE", dataset, T, settings, args.out / f"batch{size}", CACHE, tuning=False)
                 cells = " | ".join(f"{result['after_stream'][m]:.3f}" for m in METRICS)
                 lines.append(
