@@ -24,6 +24,7 @@ from .methods import METHODS
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc")
 GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc")
+OTHER_LOCALITY = ("locality_other_gen_acc", "locality_other_acc")  # probes that do not restate the edited fact
 
 
 def _reference_by_request(base, tokenizer, requests):
@@ -87,7 +88,7 @@ def run(
         method.model.save_pretrained(save_adapter)
     return {
         "protocol": final["protocol"],
-        "after_stream": {m: final[m] for m in (*GENERATION_METRICS, *METRICS) if m in final},
+        "after_stream": {m: final[m] for m in (*GENERATION_METRICS, *METRICS, *OTHER_LOCALITY) if m in final},
         "after_each_batch": after_each,
         "seconds_per_edit": edit_seconds / len(requests),
         "edit_seconds": edit_seconds,

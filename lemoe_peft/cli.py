@@ -17,6 +17,7 @@ METRIC_LABELS = {
     "rewrite": "Reliability",
     "rephrase": "Generality",
     "locality": "Locality",
+    "locality_other": "Loc. (other)",  # locality probes that do not restate the edited fact
     "portability": "Portability",
 }
 

@@ -12,6 +12,10 @@ continuation answers with the target (:func:`lemoe_peft.generation.answers_with`
 newline, or a few tokens past the target's length), and ``locality_gen_acc`` is the share of locality prompts whose
 first ``locality_tokens`` greedy tokens equal the unedited model's.
 
+Some data sets' locality probes restate the edited fact (KnowEdit's ZsRE asks "The constellation of NGC 6604 is"
+after editing "Which constellation is NGC 6604 in?"): their answer is the edit's ``ground_truth``, and an edit that
+generalizes must change it. ``locality_other_acc`` / ``locality_other_gen_acc`` score only the other probes.
+
 Every result carries its protocol (when it was taken, stream length T, and whatever the caller adds: batch size,
 seed, model, data), because numbers taken under different protocols are not comparable.
 """
@@ -31,11 +35,17 @@ from transformers import PreTrainedTokenizerBase
 
 from .generation import GenerationSettings, answer_text, answers_with, greedy_continuations
 from .models import input_device
-from .requests import EditRequest
+from .requests import EditRequest, Probe
 from .teacher_forcing import answer_logits, encode, split_answer
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc")
 GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc", "portability_gen_acc")
+OTHER_LOCALITY = {"locality_acc": "locality_other_acc", "locality_gen_acc": "locality_other_gen_acc"}
+
+
+def restates_edit(request: EditRequest, probe: Probe) -> bool:
+    """Whether a locality ``probe`` asks the edited fact again (its answer is the edit's ``ground_truth``)."""
+    return request.ground_truth is not None and probe.answer.strip() == request.ground_truth.strip()
 
 
 @torch.no_grad()
@@ -199,12 +209,21 @@ def evaluate_edits(
         for metric in (*METRICS, *GENERATION_METRICS):
             count = probes_per_metric[metric.split("_")[0]](request)
             if metric in scores and count:
-                case[metric] = mean(next(scores[metric]) for _ in range(count))
+                values = [next(scores[metric]) for _ in range(count)]
+                case[metric] = mean(values)
+                if metric in OTHER_LOCALITY:
+                    other = [
+                        v
+                        for v, probe in zip(values, request.locality, strict=True)
+                        if not restates_edit(request, probe)
+                    ]
+                    if other:
+                        case[OTHER_LOCALITY[metric]] = mean(other)
         cases.append(case)
 
     summary = {
         metric: mean(c[metric] for c in cases if metric in c)
-        for metric in (*METRICS, *GENERATION_METRICS)
+        for metric in (*METRICS, *GENERATION_METRICS, *OTHER_LOCALITY.values())
         if any(metric in c for c in cases)
     }
     summary["protocol"] = {

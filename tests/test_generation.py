@@ -114,6 +114,26 @@ def test_generation_metrics_follow_their_definitions():
     assert results["cases"][0]["locality_gen_acc"] == 0.5, "'the sky' continues 'blue green' vs 'blue red'"
 
 
+def test_other_locality_leaves_out_the_probes_that_restate_the_edited_fact():
+    request = EditRequest(
+        "who wrote hamlet",
+        "marlowe",
+        ground_truth="shakespeare",
+        locality=(Probe("the sky", "blue"), Probe("hamlet", "shakespeare")),  # the second restates the edit
+    )
+    unedited = ScriptedLM({**SCRIPT, "blue": "red"})  # "the sky" continues "blue red" there, "blue green" here
+    results = evaluate_edits(
+        ScriptedLM(SCRIPT),
+        TOKENIZER,
+        [request],
+        reference=[torch.tensor(ids("blue")), torch.tensor([0])],  # teacher-forced: the first agrees, the second not
+        generation_reference=greedy_continuations(unedited, TOKENIZER, ["the sky", "hamlet"], [2, 2]),
+        generation=GenerationSettings(locality_tokens=2),
+    )
+    assert (results["locality_acc"], results["locality_other_acc"]) == (0.5, 1.0)
+    assert (results["locality_gen_acc"], results["locality_other_gen_acc"]) == (0.5, 0.0)
+
+
 def test_generation_metrics_can_be_skipped():
     request = EditRequest("paris is in", "rome", locality=(Probe("the sky", "blue"),))
     results = evaluate_edits(ScriptedLM(SCRIPT), TOKENIZER, [request], reference=[torch.tensor([0])], generation=False)
