@@ -13,8 +13,9 @@ newline, or a few tokens past the target's length), and ``locality_gen_acc`` is 
 first ``locality_tokens`` greedy tokens equal the unedited model's.
 
 Some data sets' locality probes restate the edited fact (KnowEdit's ZsRE asks "The constellation of NGC 6604 is"
-after editing "Which constellation is NGC 6604 in?"): their answer is the edit's ``ground_truth``, and an edit that
-generalizes must change it. ``locality_other_acc`` / ``locality_other_gen_acc`` score only the other probes.
+after editing "Which constellation is NGC 6604 in?"): they name the edit's subject and their answer is its
+``ground_truth``, and an edit that generalizes must change it. ``locality_other_acc`` / ``locality_other_gen_acc``
+score only the other probes.
 
 Every result carries its protocol (when it was taken, stream length T, and whatever the caller adds: batch size,
 seed, model, data), because numbers taken under different protocols are not comparable.
@@ -44,8 +45,11 @@ OTHER_LOCALITY = {"locality_acc": "locality_other_acc", "locality_gen_acc": "loc
 
 
 def restates_edit(request: EditRequest, probe: Probe) -> bool:
-    """Whether a locality ``probe`` asks the edited fact again (its answer is the edit's ``ground_truth``)."""
-    return request.ground_truth is not None and probe.answer.strip() == request.ground_truth.strip()
+    """Whether a locality ``probe`` asks the edited fact again: its answer is the edit's ``ground_truth`` and it
+    names the edit's subject (CounterFact's neighbours share the answer but name another subject)."""
+    if request.ground_truth is None or probe.answer.strip().lower() != request.ground_truth.strip().lower():
+        return False
+    return request.subject is None or request.subject.lower() in probe.prompt.lower()
 
 
 @torch.no_grad()

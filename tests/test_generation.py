@@ -9,6 +9,7 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lemoe_peft import EditRequest, GenerationSettings, LEMoEConfig, Probe, evaluate_edits
+from lemoe_peft.evaluation import restates_edit
 from lemoe_peft.generation import answers_with, greedy_continuations
 
 from .helpers import TINY_CONFIGS, VOCAB, give_expert, tiny_model, tiny_tokenizer
@@ -119,6 +120,7 @@ def test_other_locality_leaves_out_the_probes_that_restate_the_edited_fact():
         "who wrote hamlet",
         "marlowe",
         ground_truth="shakespeare",
+        subject="hamlet",
         locality=(Probe("the sky", "blue"), Probe("hamlet", "shakespeare")),  # the second restates the edit
     )
     unedited = ScriptedLM({**SCRIPT, "blue": "red"})  # "the sky" continues "blue red" there, "blue green" here
@@ -132,6 +134,13 @@ def test_other_locality_leaves_out_the_probes_that_restate_the_edited_fact():
     )
     assert (results["locality_acc"], results["locality_other_acc"]) == (0.5, 1.0)
     assert (results["locality_gen_acc"], results["locality_other_gen_acc"]) == (0.5, 0.0)
+
+
+def test_a_neighbour_with_the_same_answer_but_another_subject_does_not_restate_the_edit():
+    request = EditRequest("Danielle Darrieux speaks", "English", ground_truth="French", subject="Danielle Darrieux")
+    assert restates_edit(request, Probe("The mother tongue of danielle darrieux is", "french"))
+    assert not restates_edit(request, Probe("The mother tongue of Léon Blum is", "French"))  # CounterFact neighbour
+    assert not restates_edit(request, Probe("Danielle Darrieux was born in", "Paris"))
 
 
 def test_generation_metrics_can_be_skipped():
