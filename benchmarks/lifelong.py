@@ -5,6 +5,7 @@ own batch). All methods share the model, data, layer, step budget and evaluation
     python -m benchmarks.lifelong --dataset zsre counterfact --T 1 10 100 1000
     python -m benchmarks.lifelong --quick      # a few minutes: T = 1 and 10, 10 steps per batch
     python -m benchmarks.lifelong --dataset counterfact-train --T 10000   # one long stream, LEMoE, resumable
+    python -m benchmarks.lifelong --dataset counterfact-train --T 10000 --rescore   # score its last checkpoint again
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--tuning", action="store_true", help="run on the held-out tuning data instead")
     parser.add_argument("--out", type=Path, help="results folder (default: bench-results/, or bench-results/quick)")
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--rescore", action="store_true", help="a long stream: score its saved adapter again")
     args = parser.parse_args()
 
     settings = QUICK_SETTINGS if args.quick else SETTINGS
@@ -64,7 +66,7 @@ def main() -> None:
             parser.error("a long stream runs alone: --dataset counterfact-train --T N")
         out = args.out or Path("bench-results") / "stream" / args.dataset[0]
         settings = {**settings, "train_dtype": "bfloat16"}  # same held-out quality as float32, about 2x faster
-        results = stream.run(args.T[0], settings, Path("bench-results") / "cache" / "smollm2-f32", out)
+        results = stream.run(args.T[0], settings, Path("bench-results") / "cache" / "smollm2-f32", out, args.rescore)
         stream.write_report(results, out)
         print(f"\nReport: {out / 'report.md'}")
         return

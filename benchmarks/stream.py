@@ -27,13 +27,13 @@ from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency
 from .data import MODEL_NAME, STREAMS, load_base, requests_for
-from .run import GENERATION_METRICS
+from .run import GENERATION_METRICS, OTHER_LOCALITY
 from .run import METRICS as TEACHER_FORCED_METRICS
 
 CHUNK = 1000
 GENERATION_SAMPLE = 1000
 ROUTING = ("route_pooling", "route_token_weight", "route_key_dim", "route_subject_threshold")
-METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS)
+METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS, *OTHER_LOCALITY)
 
 
 def checkpoints_for(T: int) -> list[int]:
@@ -54,11 +54,12 @@ def slice_seconds(edit_log: list[dict], size: int = CHUNK) -> list[float]:
 
 
 def _score(model, tokenizer, requests, seed: int) -> dict:
-    """Teacher-forced metrics on every edit so far, generation-based ones on a fixed sample of them."""
+    """Teacher-forced metrics on every edit so far, generation-based ones on a fixed sample of them; ``locality_other``
+    leaves out the locality probes that ask a fact edited anywhere in the stream so far."""
     started = time.perf_counter()
     forced = evaluate_edits(model, tokenizer, requests, generation=False)
     sample = random.Random(seed).sample(requests, min(GENERATION_SAMPLE, len(requests)))
-    generated = evaluate_edits(model, tokenizer, sample, generation=GenerationSettings())
+    generated = evaluate_edits(model, tokenizer, sample, generation=GenerationSettings(), edits=requests)
     return {
         **{m: forced[m] for m in METRICS if m in forced},
         **{m: generated[m] for m in METRICS if m.endswith("_gen_acc") and m in generated},
@@ -103,9 +104,9 @@ def _checkpoint_result(model, tokenizer, done, adapter: Path, cache: Path, setti
     }
 
 
-def run(T: int, settings: dict, cache: Path, out: Path) -> list[dict]:
+def run(T: int, settings: dict, cache: Path, out: Path, rescore: bool = False) -> list[dict]:
     """Edit the first ``T`` records of CounterFact train as one stream, resuming from ``out``; return the results of
-    every checkpoint (earlier ones are read back)."""
+    every checkpoint (earlier ones are read back; with ``rescore``, the one the saved adapter holds is scored again)."""
     torch.set_num_threads(1)  # one process per core: the protocol's per-edit times and latencies are one thread's
     torch.manual_seed(settings["seed"])
     requests = requests_for("counterfact-train", T)
@@ -124,6 +125,9 @@ def run(T: int, settings: dict, cache: Path, out: Path) -> list[dict]:
         done = requests[: min(end, T)]
         if len(done) in checkpoints_for(T):
             path = out / f"lemoe-T{len(done)}.json"
+            held = sum(len(batch["requests"]) for batch in editor.config.edit_log)
+            if rescore and held == len(done):  # only the latest checkpoint's adapter is kept
+                path.unlink(missing_ok=True)
             if not path.exists():
                 write_json_atomic(path, _checkpoint_result(model, tokenizer, done, adapter, cache, settings, T))
             results.append(json.loads(path.read_text()))
@@ -138,11 +142,14 @@ def write_report(results: list[dict], out: Path) -> None:
         "",
         "At each checkpoint, scored on the edits made so far: teacher-forced (tf) on all of them, generated (gen) on "
         f"a fixed random sample of {GENERATION_SAMPLE}. s/edit: the logged edit time of the last slice of {CHUNK} "
-        "edits; latency: 32-token forward, batch 1, LEMoE / base, interleaved in one process.",
+        "edits; latency: 32-token forward, batch 1, LEMoE / base, interleaved in one process. Loc, unedited facts: the "
+        "locality probes that ask no fact edited in the stream so far (a CounterFact neighbour can be another edit's "
+        "subject in the same relation).",
         "",
-        "| T | Rel (gen) | Gen (gen) | Loc (gen) | Rel (tf) | Gen (tf) | Loc (tf) | s/edit (last slice) | latency "
-        "ratio (generic / edited) | adapter KB/edit | load s | peak MB |",
-        "|---:|" + "---:|" * 11,
+        "| T | Rel (gen) | Gen (gen) | Loc (gen) | Rel (tf) | Gen (tf) | Loc (tf) | Loc, unedited facts (gen) | Loc, "
+        "unedited facts (tf) | s/edit (last slice) | latency ratio (generic / edited) | adapter KB/edit | load s | "
+        "peak MB |",
+        "|---:|" + "---:|" * 13,
     ]
     for r in results:
         metrics = r["after_stream"]

@@ -14,8 +14,10 @@ first ``locality_tokens`` greedy tokens equal the unedited model's.
 
 Some data sets' locality probes restate the edited fact (KnowEdit's ZsRE asks "The constellation of NGC 6604 is"
 after editing "Which constellation is NGC 6604 in?"): they name the edit's subject and their answer is its
-``ground_truth``, and an edit that generalizes must change it. ``locality_other_acc`` / ``locality_other_gen_acc``
-score only the other probes.
+``ground_truth``, and an edit that generalizes must change it. In a long stream a probe can also ask another
+edit's fact (CounterFact's neighbours share their edit's relation; after 10,000 edits of its training split, 11% of
+them were edited too). ``locality_other_acc`` / ``locality_other_gen_acc`` score only the probes that ask none of
+the edited facts.
 
 Every result carries its protocol (when it was taken, stream length T, and whatever the caller adds: batch size,
 seed, model, data), because numbers taken under different protocols are not comparable.
@@ -45,11 +47,34 @@ OTHER_LOCALITY = {"locality_acc": "locality_other_acc", "locality_gen_acc": "loc
 
 
 def restates_edit(request: EditRequest, probe: Probe) -> bool:
-    """Whether a locality ``probe`` asks the edited fact again: its answer is the edit's ``ground_truth`` and it
-    names the edit's subject (CounterFact's neighbours share the answer but name another subject)."""
-    if request.ground_truth is None or probe.answer.strip().lower() != request.ground_truth.strip().lower():
+    """Whether a locality ``probe`` asks the fact ``request`` edits: it names the request's subject and its answer
+    is the request's ``ground_truth`` (CounterFact's neighbours share the answer but name another subject). A request
+    without a subject or a ground truth restates nothing."""
+    if request.subject is None or request.ground_truth is None:
         return False
-    return request.subject is None or request.subject.lower() in probe.prompt.lower()
+    return (
+        _normalized(probe.answer) == _normalized(request.ground_truth)
+        and request.subject.lower() in probe.prompt.lower()
+    )
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _restated_probes(requests: Sequence[EditRequest], edits: Sequence[EditRequest]) -> list[list[bool]]:
+    """Per request and locality probe: whether the probe asks the fact of any of ``edits``."""
+    by_answer: dict[str, list[EditRequest]] = {}
+    for edit in edits:
+        if edit.ground_truth is not None:
+            by_answer.setdefault(_normalized(edit.ground_truth), []).append(edit)
+    return [
+        [
+            any(restates_edit(edit, probe) for edit in by_answer.get(_normalized(probe.answer), ()))
+            for probe in r.locality
+        ]
+        for r in requests
+    ]
 
 
 @torch.no_grad()
@@ -143,6 +168,7 @@ def evaluate_edits(
     generation_reference: Sequence[Sequence[int]] | None = None,
     generation: bool | GenerationSettings = True,
     protocol: Mapping[str, Any] | None = None,
+    edits: Sequence[EditRequest] | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -151,8 +177,9 @@ def evaluate_edits(
     ``reference`` holds the unedited model's locality predictions (:func:`locality_reference`) and
     ``generation_reference`` its greedy locality continuations (:func:`locality_generation_reference`); for a PEFT
     model, a missing one is computed here with the adapters disabled. ``generation=False`` skips the
-    generation-based metrics (they take longer); a :class:`GenerationSettings` configures them. A metric whose
-    probes are absent from every request is omitted.
+    generation-based metrics (they take longer); a :class:`GenerationSettings` configures them. ``edits`` are all
+    the edits the model holds, whose facts the ``locality_other`` metrics leave out (default: ``requests``; pass them
+    when scoring a sample of a stream). A metric whose probes are absent from every request is omitted.
     """
     model.eval()
     settings = _generation_settings(generation)
@@ -207,8 +234,9 @@ def evaluate_edits(
         "locality": lambda r: len(r.locality),
         "portability": lambda r: len(r.portability),
     }
+    restated = _restated_probes(requests, requests if edits is None else edits)
     cases = []
-    for request in requests:
+    for request, restated_here in zip(requests, restated, strict=True):
         case: dict[str, Any] = {"prompt": request.prompt, "target_new": request.target_new}
         for metric in (*METRICS, *GENERATION_METRICS):
             count = probes_per_metric[metric.split("_")[0]](request)
@@ -216,11 +244,7 @@ def evaluate_edits(
                 values = [next(scores[metric]) for _ in range(count)]
                 case[metric] = mean(values)
                 if metric in OTHER_LOCALITY:
-                    other = [
-                        v
-                        for v, probe in zip(values, request.locality, strict=True)
-                        if not restates_edit(request, probe)
-                    ]
+                    other = [v for v, asked in zip(values, restated_here, strict=True) if not asked]
                     if other:
                         case[OTHER_LOCALITY[metric]] = mean(other)
         cases.append(case)

@@ -1,6 +1,7 @@
 """Generation-based metrics: greedy cached generate() as users run it. Checked with a tiny Llama whose greedy next
 token is scripted, and batched (left-padded) generation against one prompt at a time, with and without LEMoE."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -141,6 +142,21 @@ def test_a_neighbour_with_the_same_answer_but_another_subject_does_not_restate_t
     assert restates_edit(request, Probe("The mother tongue of danielle darrieux is", "french"))
     assert not restates_edit(request, Probe("The mother tongue of Léon Blum is", "French"))  # CounterFact neighbour
     assert not restates_edit(request, Probe("Danielle Darrieux was born in", "Paris"))
+    assert not restates_edit(dataclasses.replace(request, subject=None), Probe("Danielle Darrieux speaks", "French"))
+
+
+def test_other_locality_leaves_out_probes_that_ask_a_fact_edited_elsewhere_in_the_stream():
+    """A neighbour of one edit can be the subject of another edit of the same relation: its answer should change."""
+    first = EditRequest(
+        "who wrote hamlet", "marlowe", ground_truth="shakespeare", subject="hamlet",
+        locality=(Probe("the sky", "blue"), Probe("who wrote othello", "shakespeare")),
+    )  # fmt: skip
+    second = EditRequest("who wrote othello", "bacon", ground_truth="shakespeare", subject="othello")
+    model, reference = ScriptedLM(SCRIPT), [torch.tensor(ids("blue")), torch.tensor([0])]
+    alone = evaluate_edits(model, TOKENIZER, [first], reference=reference, generation=False)
+    assert alone["locality_other_acc"] == alone["locality_acc"] == 0.5
+    both = evaluate_edits(model, TOKENIZER, [first], reference=reference, generation=False, edits=[first, second])
+    assert (both["locality_acc"], both["locality_other_acc"]) == (0.5, 1.0)
 
 
 def test_generation_metrics_can_be_skipped():
