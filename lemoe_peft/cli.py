@@ -17,7 +17,7 @@ METRIC_LABELS = {
     "rewrite": "Reliability",
     "rephrase": "Generality",
     "locality": "Locality",
-    "locality_other": "Loc. (other)",  # locality probes that do not restate the edited fact
+    "locality_other": "Loc. (other)",  # locality probes that ask none of the edited facts
     "portability": "Portability",
 }
 
