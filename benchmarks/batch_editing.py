@@ -27,15 +27,17 @@ def main() -> None:
     args = parser.parse_args()
     lines = [
         "| data | T | batch size | experts | Rel (gen) | Gen (gen) | Loc (gen) | Rel (tf) | Gen (tf) | Loc (tf) | "
-        "s/edit | peak MB | adapter KB/edit |",
-        "|---|---:|---:|---:|" + "---:|" * 9,
+        "Loc other (gen) | Loc other (tf) | s/edit | peak MB | adapter KB/edit |",
+        "|---|---:|---:|---:|" + "---:|" * 11,
     ]
     for dataset in args.dataset:
         for T in args.T:
             for size in (s for s in args.batch_size if s <= T):
                 settings = {**SETTINGS, **args.settings, "batch_size": size}
                 result = run_one("LEMoE", dataset, T, settings, args.out / f"batch{size}", CACHE, tuning=False)
-                cells = " | ".join(f"{result['after_stream'][m]:.3f}" for m in METRICS)
+                cells = " | ".join(
+                    f"{result['after_stream'][m]:.3f}" if m in result["after_stream"] else "–" for m in METRICS
+                )
                 lines.append(
                     f"| {dataset} | {T} | {size} | {result['batches']} | {cells} | {result['seconds_per_edit']:.3f} | "
                     f"{result['peak_memory_mb']:.0f} | {result['adapter_bytes_per_edit'] / 1024:.1f} |"
