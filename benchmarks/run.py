@@ -24,7 +24,10 @@ from .methods import METHODS
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc")
 GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc")
-OTHER_LOCALITY = ("locality_other_gen_acc", "locality_other_acc")  # probes that do not restate the edited fact
+OTHER_LOCALITY = (
+    "locality_other_gen_acc",
+    "locality_other_acc",
+)  # locality on the probes that ask none of the edited facts
 
 
 def _reference_by_request(base, tokenizer, requests):

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .generation import GenerationSettings, answer_text, answers_with, greedy_continuations
+from .generation import GenerationSettings, answer_text, answers_with, greedy_continuations, normalize
 from .models import input_device
 from .requests import EditRequest, Probe
 from .teacher_forcing import answer_logits, encode, split_answer
@@ -59,7 +59,7 @@ def restates_edit(request: EditRequest, probe: Probe) -> bool:
 
 
 def _normalized(text: str) -> str:
-    return " ".join(text.lower().split())
+    return normalize(text).lower()
 
 
 def _restated_probes(requests: Sequence[EditRequest], edits: Sequence[EditRequest]) -> list[list[bool]]:
