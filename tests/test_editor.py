@@ -234,3 +234,22 @@ def test_mixed_precision_training_edits_and_keeps_routing_and_experts_float32():
     assert layer.lemoe_keys["default"].dtype == layer.lemoe_A["default"].dtype == torch.float32
     assert report.batches[0]["settings"]["train_dtype"] == "bfloat16"
     assert evaluate_edits(model, tiny_tokenizer(), REQUESTS[:3], generation=False)["rewrite_acc"] == 1.0
+
+
+def test_negative_prompts_join_the_batch_and_the_expert_trains_with_them():
+    requests = [EditRequest("paris is in", "italy", subject="paris"), EditRequest("who wrote hamlet", "goethe",
+                subject="hamlet")]  # fmt: skip
+    settings = {**SETTINGS, "negatives_per_edit": 2, "anchor_threshold": -1.0}  # anchors that reach every prompt
+
+    def new_editor():
+        model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_threshold=None))
+        return LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **settings)
+
+    editor = new_editor()
+    editor.open_expert(requests)
+    batch = editor._opened().batch
+    assert batch.input_ids.shape[0] == 4, "one negative per request, the one the anchors reach most"
+    assert not batch.predicts[2:].any() and (batch.attention_mask[2:].sum(dim=1) >= 3).all()
+    editor = new_editor()
+    editor.edit_batch(requests)
+    assert evaluate_edits(editor.model, tiny_tokenizer(), requests)["rewrite_acc"] == 1.0
