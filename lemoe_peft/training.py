@@ -5,7 +5,7 @@ optional term that keeps the model's previous next-token distribution at other p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,32 +64,70 @@ def fit(
     parts = [(rows, part, _Shares(part, objective)) for rows, part in objective.split(rows_per_pass)]
     references: list[torch.Tensor | None] = [None] * len(parts)
     target_loss = float("inf")
-    for step in range(max_steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        target_loss, loss = 0.0, None
-        for index, (rows, part, shares) in enumerate(parts):
-            if loss is not None:  # every run but the last backpropagates at once, freeing its activations
-                loss.backward()
-            device = part.batch.input_ids.device.type
-            with (
-                replay(rows) if replay is not None else contextlib.nullcontext(),
-                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-            ):
-                logits = position_logits(model, part.batch, shares.positions).float()
-            cross_entropy = F.cross_entropy(logits[shares.is_answer], part.batch.answers)
-            target_loss += cross_entropy.item() * shares.answers
-            loss = cross_entropy * shares.answers
-            if part.preserve is not None and part.preserve.any():
-                log_probs = logits[~shares.is_answer].log_softmax(dim=-1)
-                if references[index] is None:  # the first forward is the model before this batch's update
-                    references[index] = log_probs.detach()
-                kl = F.kl_div(log_probs, references[index], log_target=True, reduction="batchmean")
-                loss = loss + objective.preserve_weight * kl * shares.preserved
-        if target_loss <= early_stop_loss or step == max_steps:
-            return step, target_loss
-        loss.backward()
-        optimizer.step()
+    with frozen_weights_in(model, autocast_dtype):  # one cast per batch instead of one per forward pass
+        for step in range(max_steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            target_loss, loss = 0.0, None
+            for index, (rows, part, shares) in enumerate(parts):
+                if loss is not None:  # every run but the last backpropagates at once, freeing its activations
+                    loss.backward()
+                device = part.batch.input_ids.device.type
+                with (
+                    replay(rows) if replay is not None else contextlib.nullcontext(),
+                    torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+                ):
+                    logits = position_logits(model, part.batch, shares.positions).float()
+                cross_entropy = F.cross_entropy(logits[shares.is_answer], part.batch.answers)
+                target_loss += cross_entropy.item() * shares.answers
+                loss = cross_entropy * shares.answers
+                if part.preserve is not None and part.preserve.any():
+                    log_probs = logits[~shares.is_answer].log_softmax(dim=-1)
+                    if references[index] is None:  # the first forward is the model before this batch's update
+                        references[index] = log_probs.detach()
+                    kl = F.kl_div(log_probs, references[index], log_target=True, reduction="batchmean")
+                    loss = loss + objective.preserve_weight * kl * shares.preserved
+            if target_loss <= early_stop_loss or step == max_steps:
+                return step, target_loss
+            loss.backward()
+            optimizer.step()
     return max_steps, target_loss
+
+
+@contextlib.contextmanager
+def frozen_weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within this context every frozen float32 linear layer of ``model`` computes with a copy of its weight and bias
+    in ``dtype``, made the first time the layer runs (layers that never run cost nothing); the originals are back
+    afterwards. Autocast casts frozen weights again on every forward pass (it caches only trainable ones), which on
+    a CPU takes longer than the matrix product itself; the products are the same."""
+    if dtype is None:
+        yield
+        return
+    originals: dict[nn.Module, dict[str, nn.Parameter]] = {}
+
+    def use_copy(module: nn.Module, args: tuple) -> None:
+        if module not in originals:
+            originals[module] = {n: p for n in ("weight", "bias") if (p := getattr(module, n)) is not None}
+            for name, parameter in originals[module].items():
+                setattr(module, name, nn.Parameter(parameter.detach().to(dtype), requires_grad=False))
+
+    linears = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.Linear)
+        and module.weight.dtype == torch.float32
+        and not module.weight.requires_grad
+        and module.weight.device.type != "meta"
+        and not hasattr(module, "_hf_hook")  # accelerate loads offloaded weights itself on every call
+    ]
+    handles = [module.register_forward_pre_hook(use_copy) for module in linears]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, parameters in originals.items():
+            for name, parameter in parameters.items():
+                setattr(module, name, parameter)
 
 
 class _Shares:

@@ -29,3 +29,25 @@ def test_a_batch_trained_in_parts_equals_the_batch_in_one_pass(monkeypatch):
     assert abs(whole["final_loss"] - parts["final_loss"]) < 1e-4
     for tensor, in_parts in zip(expert, expert_in_parts, strict=True):  # up to float32 summation order (1e-5 here)
         assert torch.allclose(tensor, in_parts, atol=1e-4)
+
+
+def test_mixed_precision_training_with_weight_copies_equals_autocast_and_restores_the_weights(monkeypatch):
+    import contextlib
+
+    def train(copies: bool):
+        if not copies:
+            monkeypatch.setattr(training, "frozen_weights_in", lambda model, dtype: contextlib.nullcontext())
+        model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+        weights = {name: p for name, p in model.named_parameters() if ".lemoe_" not in name}  # the frozen model
+        LEMoEEditor(model, tiny_tokenizer(), batch_size=8, max_steps=4, early_stop_loss=0, train_dtype="bfloat16").edit(
+            REQUESTS, progress=False
+        )
+        after = {name: p for name, p in model.named_parameters() if ".lemoe_" not in name}
+        assert after.keys() == weights.keys() and all(after[n] is p for n, p in weights.items()), "originals back"
+        assert all(p.dtype == torch.float32 for p in after.values())
+        (layer,) = model.base_model.lemoe_layers().values()
+        return layer.newest_expert("default")
+
+    with_copies = train(copies=True)
+    plain = train(copies=False)
+    assert all(torch.equal(a, b) for a, b in zip(with_copies, plain, strict=True)), "the same bf16 products"
