@@ -21,6 +21,7 @@ from lemoe_peft.training import Objective, fit
 from .adaptors import RoutedAdaptor
 
 EDITOR_FIELDS = {f.name for f in dataclasses.fields(EditorSettings)}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(LEMoEConfig)}
 
 
 def tensor_bytes(tensors) -> int:
@@ -123,11 +124,12 @@ class LEMoE(Method):
     """lemoe-peft with its defaults."""
 
     name = "LEMoE"
-    config: dict[str, Any] = {}  # LEMoEConfig fields that differ from the defaults
+    config: dict[str, Any] = {}  # LEMoEConfig fields that differ from the defaults (settings may add more)
 
     def __init__(self, base, tokenizer, settings, **overrides: Any) -> None:
         super().__init__(base, tokenizer, settings)
-        self.model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **self.config))
+        config = {**self.config, **{k: v for k, v in self.settings.items() if k in CONFIG_FIELDS}}
+        self.model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **config))
         options = {k: v for k, v in self.settings.items() if k in EDITOR_FIELDS}
         self.editor = self.editor_class(self.model, tokenizer, **{**options, **overrides})
         self.editor.ensure_calibrated()

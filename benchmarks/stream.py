@@ -32,7 +32,7 @@ from .run import METRICS as TEACHER_FORCED_METRICS
 
 CHUNK = 1000
 GENERATION_SAMPLE = 1000
-ROUTING = ("route_pooling", "route_token_weight", "route_key_dim", "route_subject_threshold")
+ROUTING = ("route_pooling", "route_token_weight", "route_key_dim", "route_subject_threshold", "route_subject_margin")
 METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS, *OTHER_LOCALITY)
 
 

@@ -121,6 +121,14 @@ class LEMoEConfig(PeftConfig):
             "serve it (None: no subject gate)."
         },
     )
+    route_subject_margin: float | None = field(
+        default=0.0,
+        metadata={
+            "help": "A token reads only the edited subjects it matches within this margin of its best-matching "
+            "subject key (None: every subject above route_subject_threshold; adapters saved before this setting "
+            "existed load with None and route as they did)."
+        },
+    )
     route_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature mixing the top_k experts."})
     route_calibration_size: int = field(
         default=0, metadata={"help": "Number of query vectors the routing statistics came from (0: not calibrated)."}
@@ -165,6 +173,13 @@ class LEMoEConfig(PeftConfig):
                 config.edit_log = parse_legacy_edit_log(legacy.read_text(encoding="utf-8"), str(legacy))
         return config
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT calls this with a saved config's fields before building it: one saved before
+        ``route_subject_margin`` existed keeps the routing it was trained with."""
+        kwargs.setdefault("route_subject_margin", None)
+        return super().check_kwargs(**kwargs)
+
     def _validate(self) -> None:
         checks = [
             (isinstance(self.expert_rank, int) and self.expert_rank >= 1, "expert_rank must be an integer >= 1"),
@@ -177,6 +192,10 @@ class LEMoEConfig(PeftConfig):
             ),
             (isinstance(self.top_k, int) and self.top_k >= 1, "top_k must be an integer >= 1"),
             (0.0 < self.layer_depth <= 1.0, "layer_depth must lie in (0, 1]"),
+            (
+                self.route_subject_margin is None or self.route_subject_margin >= 0,
+                "route_subject_margin must be >= 0 (or None)",
+            ),
             (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),

@@ -66,6 +66,7 @@ class RouteSettings:
     temperature: float
     activation: str
     subject_threshold: float | None
+    subject_margin: float | None
     whiten_rank: int
 
     @classmethod
@@ -78,6 +79,7 @@ class RouteSettings:
             config.route_temperature,
             config.expert_activation,
             config.route_subject_threshold,
+            config.route_subject_margin,
             config.route_whiten_rank,
         )
 
@@ -399,12 +401,13 @@ class LEMoELayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans, and the subject
         scores so far (B, T, S) to continue from; (None, None) when no anchor is gated."""
-        threshold = self.lemoe_settings[adapter_name].subject_threshold
+        settings = self.lemoe_settings[adapter_name]
+        threshold = settings.subject_threshold
         subjects = self.lemoe_subjects[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
             return None, None
         scores = self.subject_queries(adapter_name, x) @ subjects.float().T
-        presence = subject_presence(scores, counts, valid, prefix)
+        presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin)
         return presence >= threshold, presence
 
     def route(

@@ -68,15 +68,26 @@ def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tens
 
 
 def subject_presence(
-    scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tensor | None = None
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    valid: torch.Tensor | None,
+    prefix: torch.Tensor | None = None,
+    margin: float | None = None,
 ) -> torch.Tensor:
     """For subject-key scores of every token (B, T, S): the best score up to each position, continuing ``prefix``.
 
     ``counts`` (B, T) numbers the valid tokens read so far (1 = a sequence's first token). The first token and
     padding never count: a decoder's first position is an attention sink whose state is alike for every text.
+    With a ``margin``, a token counts only for the subjects it matches within ``margin`` of its best match: a token
+    names one subject, so one that merely resembles an edited subject's key no longer reads it when another edited
+    subject is the better match.
     """
     ignored = counts <= 1 if valid is None else (counts <= 1) | ~valid
-    scores = scores.masked_fill(ignored[..., None], float("-inf"))
+    if margin is not None and scores.shape[-1] > 0:
+        ignored = ignored[..., None] | (scores < scores.max(dim=-1, keepdim=True).values - margin)
+    else:
+        ignored = ignored[..., None]
+    scores = scores.masked_fill(ignored, float("-inf"))
     if prefix is not None:
         scores = torch.cat([prefix[:, None], scores], dim=1)
     best = running_max(scores)

@@ -197,6 +197,24 @@ def test_every_way_of_loading_keeps_the_edit_log_and_a_resave_keeps_it(saved, lo
     assert LEMoEConfig.from_pretrained(tmp_path / "again").edit_log == log
 
 
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda folder: LEMoEConfig.from_pretrained(folder),
+        lambda folder: AutoPeftModelForCausalLM.from_pretrained(folder).peft_config["default"],
+        lambda folder: PeftModel.from_pretrained(tiny_model(), folder).peft_config["default"],
+        lambda folder: _loaded_as_second(folder).peft_config["second"],
+    ],
+    ids=["LEMoEConfig", "AutoPeftModel", "PeftModel", "load_adapter"],
+)
+def test_an_adapter_saved_before_the_subject_margin_existed_routes_as_it_did(saved, load):
+    path = saved / "adapter" / "adapter_config.json"
+    fields = json.loads(path.read_text())
+    assert fields.pop("route_subject_margin") == 0.0
+    path.write_text(json.dumps(fields))
+    assert load(saved / "adapter").route_subject_margin is None
+
+
 def _loaded_as_second(folder):
     model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
     model.load_adapter(folder, "second")

@@ -122,6 +122,20 @@ def test_subject_presence_is_a_running_max_that_skips_the_first_token_and_paddin
     assert torch.equal(torch.cat([first, rest], dim=1), best), "continuing from a prefix is exact"
 
 
+def test_subject_margin_lets_a_token_read_only_its_nearest_subjects():
+    # (B=1, T=3, S=3): token 1 matches subject 0 best and subject 1 nearly as well; token 2 matches subject 2 best
+    scores = torch.tensor([[[0.0, 0.0, 0.0], [0.9, 0.85, 0.7], [0.6, 0.8, 0.95]]])
+    counts = token_counts(scores, None)
+    assert subject_presence(scores, counts, None)[0, -1].tolist() == pytest.approx([0.9, 0.85, 0.95])
+    nearest = subject_presence(scores, counts, None, margin=0.0)
+    assert nearest[0, -1].tolist() == pytest.approx([0.9, float("-inf"), 0.95]), "subject 1 is never the best match"
+    within = subject_presence(scores, counts, None, margin=0.1)
+    assert within[0, -1].tolist() == pytest.approx([0.9, 0.85, 0.95]), "a match within the margin still counts"
+    first = subject_presence(scores[:, :2], counts[:, :2], None, margin=0.0)
+    rest = subject_presence(scores[:, 2:], counts[:, 2:], None, prefix=first[:, -1], margin=0.0)
+    assert torch.equal(torch.cat([first, rest], dim=1), nearest), "continuing from a prefix is exact"
+
+
 def _gated_model(subject_position: int, pooling: str = "causal_mean"):
     """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject key
     taken at ``subject_position`` of that sequence."""
@@ -154,6 +168,22 @@ def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling):
         )
         forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
     assert torch.allclose(torch.cat(out.logits), forced, atol=1e-4)
+
+
+def test_generation_with_nearest_subject_gating_routes_like_teacher_forcing():
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_margin=0.0))
+    for seed in range(4):
+        give_expert(model, token_batch(1, 7, seed=40 + seed), scale=3.0, subject_position=2 + seed % 3)
+    prompt = token_batch(1, 7, seed=41)[:, :5]  # an anchored sequence up to two tokens past its subject
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
+        with model.disable_adapter():
+            base = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
+    assert torch.allclose(torch.cat(out.logits), forced, atol=1e-4)
+    assert not torch.allclose(forced, base, atol=1e-3), "the generation was routed to an expert"
 
 
 def test_removing_an_expert_keeps_the_other_experts_subject_gates():
