@@ -82,11 +82,9 @@ def subject_presence(
     names one subject, so one that merely resembles an edited subject's key no longer reads it when another edited
     subject is the better match.
     """
-    ignored = counts <= 1 if valid is None else (counts <= 1) | ~valid
+    ignored = (counts <= 1 if valid is None else (counts <= 1) | ~valid)[..., None]
     if margin is not None and scores.shape[-1] > 0:
-        ignored = ignored[..., None] | (scores < scores.max(dim=-1, keepdim=True).values - margin)
-    else:
-        ignored = ignored[..., None]
+        ignored = ignored | (scores < scores.max(dim=-1, keepdim=True).values - margin)
     scores = scores.masked_fill(ignored, float("-inf"))
     if prefix is not None:
         scores = torch.cat([prefix[:, None], scores], dim=1)
