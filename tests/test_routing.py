@@ -83,9 +83,8 @@ def _edited_model(pooling: str = "causal_mean"):
     return model, prompt
 
 
-@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
-def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
-    model, prompt = _edited_model(pooling)
+def _generated_forced_and_base(model, prompt):
+    """Logits of 6 greedy tokens generated with a KV cache, of the same tokens teacher-forced, and of the base model."""
     with torch.no_grad():
         out = model.generate(
             prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -93,7 +92,12 @@ def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
         forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
         with model.disable_adapter():
             base = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
-    generated = torch.cat(out.logits)
+    return torch.cat(out.logits), forced, base
+
+
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
+def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
+    generated, forced, base = _generated_forced_and_base(*_edited_model(pooling))
     assert not torch.allclose(forced, base, atol=1e-2), "the expert must be active on the generated tokens"
     assert torch.allclose(generated, forced, atol=1e-4)
 
@@ -162,12 +166,8 @@ def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject():
 @pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
 def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling):
     model, prompt, _ = _gated_model(subject_position=2, pooling=pooling)
-    with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
-    assert torch.allclose(torch.cat(out.logits), forced, atol=1e-4)
+    generated, forced, _ = _generated_forced_and_base(model, prompt)
+    assert torch.allclose(generated, forced, atol=1e-4)
 
 
 def test_generation_with_nearest_subject_gating_routes_like_teacher_forcing():
@@ -175,14 +175,8 @@ def test_generation_with_nearest_subject_gating_routes_like_teacher_forcing():
     for seed in range(4):
         give_expert(model, token_batch(1, 7, seed=40 + seed), scale=3.0, subject_position=2 + seed % 3)
     prompt = token_batch(1, 7, seed=41)[:, :5]  # an anchored sequence up to two tokens past its subject
-    with torch.no_grad():
-        out = model.generate(
-            prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
-        )
-        forced = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
-        with model.disable_adapter():
-            base = model(out.sequences).logits[0, prompt.shape[1] - 1 : -1]
-    assert torch.allclose(torch.cat(out.logits), forced, atol=1e-4)
+    generated, forced, base = _generated_forced_and_base(model, prompt)
+    assert torch.allclose(generated, forced, atol=1e-4)
     assert not torch.allclose(forced, base, atol=1e-3), "the generation was routed to an expert"
 
 
