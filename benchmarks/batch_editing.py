@@ -2,7 +2,7 @@
 batches (one expert per batch) against the lifelong stream of batches of 10, same settings otherwise.
 
     python -m benchmarks.batch_editing --dataset zsre counterfact --T 100 --batch-size 10 100
-    python -m benchmarks.batch_editing --T 1000 --batch-size 10 1000 --settings '{"train_dtype": "bfloat16"}'
+    python -m benchmarks.batch_editing --T 1000 --batch-size 10 100 1000
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _editor(adapter: Path | None, routing: dict) -> LEMoEEditor:
         model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **routing))
     else:
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    return LEMoEEditor(model, tokenizer, **{**SETTINGS, "train_dtype": "bfloat16"})
+    return LEMoEEditor(model, tokenizer, **SETTINGS)
 
 
 def main() -> None:
