@@ -109,6 +109,26 @@ def _padded(tokenizer, rows: list[list[int]], predicts: list[list[bool]], answer
     return TeacherForcedBatch(input_ids, attention_mask, predict_mask, torch.tensor(answers), lengths)
 
 
+def answer_ends(predicts: torch.Tensor) -> torch.Tensor:
+    """(B, L) the position of each answer's last token: the one that predicts what follows the answer."""
+    ends = torch.zeros_like(predicts)
+    ends[:, 1:] = predicts[:, :-1] & ~predicts[:, 1:]
+    return ends
+
+
+def word_boundary_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) bool: the tokens that, after a word, do not continue it (they start with a space, punctuation
+    or a newline, or are special tokens such as EOS). Each token is decoded after the word "a", so tokenizers that
+    mark a leading space (byte-level BPE's "Ġ", SentencePiece's "▁") are read alike."""
+    word = tokenizer("a", add_special_tokens=False).input_ids
+    head = len(tokenizer.decode(word))
+    ids = range(min(vocab_size, len(tokenizer)))
+    texts = tokenizer.batch_decode([[*word, i] for i in ids])
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary[: len(texts)] = torch.tensor([not text[head:][:1].isalnum() for text in texts])
+    return boundary
+
+
 def token_position(tokenizer: PreTrainedTokenizerBase, text: str, end: int) -> int:
     """Index of the token of ``tokenizer(text)`` that holds character ``end - 1`` (the last of a span)."""
     if tokenizer.is_fast:

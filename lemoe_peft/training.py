@@ -1,6 +1,7 @@
 """The optimisation of one batch of edits, shared by the editor and the benchmark baselines so that every method is
-trained the same way: Adam on the given parameters, cross-entropy on the target tokens (teacher forcing), an
-optional term that keeps the model's previous next-token distribution at other positions, early stop on the loss."""
+trained the same way: Adam on the given parameters, cross-entropy on the target tokens (teacher forcing), optional
+terms that end each answer at a word boundary and that keep the model's previous next-token distribution at other
+positions, early stop on the answer loss."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .teacher_forcing import TeacherForcedBatch, position_logits
+from .teacher_forcing import TeacherForcedBatch, answer_ends, position_logits
 
 
 @dataclass
@@ -20,9 +21,18 @@ class Objective:
     batch: TeacherForcedBatch
     preserve: torch.Tensor | None = None  # (B, L) positions whose next-token distribution must not move
     preserve_weight: float = 1.0
+    # (vocab,) bool: tokens that may follow a complete answer (word_boundary_tokens); when set, the token after each
+    # answer is trained to be one of them, as one more answer token (else "Titan" may generate on into "Titania")
+    answer_end: torch.Tensor | None = None
+
+    def ends(self) -> torch.Tensor:
+        """(B, L) the positions whose next token must end the answer (none without ``answer_end``)."""
+        predicts = self.batch.predicts
+        return answer_ends(predicts) if self.answer_end is not None else torch.zeros_like(predicts)
 
     def positions(self) -> torch.Tensor:
-        return self.batch.predicts if self.preserve is None else self.batch.predicts | self.preserve
+        positions = self.batch.predicts | self.ends()
+        return positions if self.preserve is None else positions | self.preserve
 
     def split(self, rows: int) -> list[tuple[slice, Objective]]:
         """The objective of each run of ``rows`` prompts, with the slice of the batch it covers."""
@@ -34,6 +44,7 @@ class Objective:
                     self.batch.rows(start, start + rows),
                     None if self.preserve is None else self.preserve[start : start + rows],
                     self.preserve_weight,
+                    self.answer_end,
                 ),
             )
             for start in range(0, size, rows)
@@ -52,12 +63,13 @@ def fit(
     rows_per_pass: int = 32,
     autocast_dtype: torch.dtype | None = None,
 ) -> tuple[int, float]:
-    """Train ``parameters`` until the target cross-entropy reaches ``early_stop_loss`` or ``max_steps`` updates were
-    made. ``replay`` (a context-manager factory taking the rows of the batch, e.g. ``LowerLayerReplay.replay``) wraps
-    every forward. A batch goes through the model ``rows_per_pass`` prompts at a time, accumulating the gradient of
+    """Train ``parameters`` until the answer loss (the target tokens' cross-entropy, with each answer's end when the
+    objective asks for it) reaches ``early_stop_loss`` or ``max_steps`` updates were made. ``replay`` (a
+    context-manager factory taking the rows of the batch, e.g. ``LowerLayerReplay.replay``) wraps every forward. A
+    batch goes through the model ``rows_per_pass`` prompts at a time, accumulating the gradient of
     the whole batch's loss, so a batch of 1,000 edits needs the activation memory of 32. ``autocast_dtype`` runs the
     forward passes in mixed precision (``torch.autocast``; routing stays float32, the parameters and losses too).
-    Returns the number of updates and the final target loss."""
+    Returns the number of updates and the final answer loss."""
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=learning_rate)
@@ -77,11 +89,16 @@ def fit(
                     torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None),
                 ):
                     logits = position_logits(model, part.batch, shares.positions).float()
-                cross_entropy = F.cross_entropy(logits[shares.is_answer], part.batch.answers)
+                answer_loss = F.cross_entropy(logits[shares.is_answer], part.batch.answers, reduction="none")
+                if shares.is_end.any():  # -log P(the next token ends the word)
+                    ending = logits[shares.is_end]
+                    not_ended = ending.logsumexp(-1) - ending[:, objective.answer_end].logsumexp(-1)
+                    answer_loss = torch.cat([answer_loss, not_ended])
+                cross_entropy = answer_loss.mean()
                 target_loss += cross_entropy.item() * shares.answers
                 loss = cross_entropy * shares.answers
-                if part.preserve is not None and part.preserve.any():
-                    log_probs = logits[~shares.is_answer].log_softmax(dim=-1)
+                if shares.is_preserved.any():
+                    log_probs = logits[shares.is_preserved].log_softmax(dim=-1)
                     if references[index] is None:  # the first forward is the model before this batch's update
                         references[index] = log_probs.detach()
                     kl = F.kl_div(log_probs, references[index], log_target=True, reduction="batchmean")
@@ -131,12 +148,16 @@ def frozen_weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[N
 
 
 class _Shares:
-    """A part's positions, and its share of the whole batch's answer tokens and preserved positions (the weights
-    that make the sum of the parts' mean losses the whole batch's mean loss; 1.0 for a batch in one part)."""
+    """A part's positions (answer tokens, answer ends, preserved), and its share of the whole batch's answer tokens
+    and ends and of its preserved positions (the weights that make the sum of the parts' mean losses the whole
+    batch's mean loss; 1.0 for a batch in one part)."""
 
     def __init__(self, part: Objective, whole: Objective) -> None:
         self.positions = part.positions()
         self.is_answer = part.batch.predicts[self.positions]
-        self.answers = self.is_answer.sum().item() / whole.batch.predicts.sum().item()
-        preserved = (whole.positions() & ~whole.batch.predicts).sum().item()
-        self.preserved = (~self.is_answer).sum().item() / max(preserved, 1)
+        self.is_end = part.ends()[self.positions]
+        self.is_preserved = ~(self.is_answer | self.is_end)
+        answers = (whole.batch.predicts | whole.ends()).sum().item()
+        self.answers = (self.is_answer | self.is_end).sum().item() / answers
+        preserved = (whole.positions() & ~(whole.batch.predicts | whole.ends())).sum().item()
+        self.preserved = self.is_preserved.sum().item() / max(preserved, 1)
