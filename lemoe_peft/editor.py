@@ -30,7 +30,15 @@ from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .teacher_forcing import TeacherForcedBatch, answer_logits, encode, token_position, token_rows, with_rows
+from .teacher_forcing import (
+    TeacherForcedBatch,
+    answer_logits,
+    encode,
+    token_position,
+    token_rows,
+    with_rows,
+    word_boundary_tokens,
+)
 from .training import Objective, fit
 
 logger = logging.getLogger(__name__)
@@ -77,6 +85,13 @@ class EditorSettings:
             "help": "Precision of the training passes: float32, or bfloat16 / float16 mixed precision (autocast; "
             "experts, losses and routing stay float32). bfloat16 trains about twice as fast on CPUs with native "
             "bfloat16 arithmetic (AVX512-BF16, AMX) and on GPUs; elsewhere it is slower."
+        },
+    )
+    end_answers: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "Train the token after each answer to start a new word (a space, punctuation, a newline or EOS), "
+            "so that generation stops the answer where the target stops."
         },
     )
     negative_continuation: int = dataclasses.field(
@@ -173,6 +188,7 @@ class LEMoEEditor:
             raise ValueError("`calibration` needs at least one generic sentence (None: the built-in ones).")
         self.device = input_device(model)
         self._open: _OpenExpert | None = None
+        self._word_boundary: torch.Tensor | None = None
 
     @property
     def config(self) -> LEMoEConfig:
@@ -249,7 +265,7 @@ class LEMoEEditor:
             steps, loss = fit(
                 self.model,
                 self.trainable_tensors(),
-                Objective(opened.batch, preserve, self.settings.preserve_weight),
+                Objective(opened.batch, preserve, self.settings.preserve_weight, self._answer_end()),
                 max_steps=self.settings.max_steps,
                 learning_rate=self.settings.learning_rate,
                 early_stop_loss=self.settings.early_stop_loss,
@@ -377,6 +393,15 @@ class LEMoEEditor:
         return [
             t for layer in self.tuner.lemoe_layers(self.adapter).values() for t in layer.newest_expert(self.adapter)
         ]
+
+    def _answer_end(self) -> torch.Tensor | None:
+        """The tokens that may follow a complete answer (computed once), or None with ``end_answers`` off."""
+        if not self.settings.end_answers:
+            return None
+        if self._word_boundary is None:
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self._word_boundary = word_boundary_tokens(self.tokenizer, vocab_size).to(self.device)
+        return self._word_boundary
 
     def _preserved_positions(self, expert: int, batch, captured: dict) -> torch.Tensor | None:
         """Prompt positions that the new expert's anchors also catch: there the expert must change nothing, which

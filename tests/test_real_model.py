@@ -9,7 +9,8 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from lemoe_peft import LEMoEConfig, LEMoEEditor, evaluate_edits, load_edit_requests
+from lemoe_peft import EditRequest, LEMoEConfig, LEMoEEditor, evaluate_edits, load_edit_requests
+from lemoe_peft.evaluation import generated_answer_hits
 
 from .helpers import DATA_DIR
 
@@ -159,3 +160,35 @@ def test_other_questions_about_an_edited_subject_keep_their_answers_under_genera
     assert default["rewrite_gen_acc"] >= 0.9
     assert default["locality_other_gen_acc"] >= 0.8, default["locality_other_gen_acc"]
     assert mean_only["locality_other_gen_acc"] <= default["locality_other_gen_acc"] - 0.1, (mean_only, default)
+
+
+# Edits whose new answer the model, fed it, would run on into a longer word ("Titan" -> "Titania", "Dorothy Wall" ->
+# "Dorothy Waller", "1940" -> "1940s"): greedy generation gave those words before answers were trained to end.
+RUN_ON = [
+    ("On what celestial body is Echus Chasma located?", "Titan"),
+    ("Who was The Runaway Bunny illustrated by?", "Dorothy Wall"),
+    ("What team is Christian Eyenga associated with?", "Connecticut Sun"),
+    ("What was the year that Sturmtiger entered service?", "1940"),
+    ("The genus Feronista is a part of what family?", "Carabidae"),
+    ("What is the name of the city Petteri Pennanen was born in?", "Tampere"),
+    ("On what network did Cartoon Storybook first play?", "Adult Swim"),
+    ("Which team does Volodymyr Ponomarenko play for?", "FC Mykolaiv"),
+    ("What business published Journal of Solid State Chemistry?", "World Scientific"),
+    ("Who was the star of Vrutham?", "Sivaji Ganesan"),
+]
+
+
+@pytest.mark.parametrize("end_answers", [True, False])
+def test_generated_answers_end_where_the_new_answer_ends(smollm2, end_answers):
+    base, tokenizer = smollm2
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+    try:
+        requests = [EditRequest(prompt, target) for prompt, target in RUN_ON]
+        LEMoEEditor(model, tokenizer, end_answers=end_answers).edit(requests, progress=False)
+        hits = sum(generated_answer_hits(model, tokenizer, RUN_ON))
+    finally:
+        model.unload()
+    if end_answers:
+        assert hits >= 9, hits
+    else:
+        assert hits <= 6, hits
