@@ -56,22 +56,27 @@ def _plot(dataset: str, rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    figure, axes = plt.subplots(len(FAMILIES), 3, figsize=(13, 7), sharey=True, squeeze=False)
     methods = sorted({r["protocol"]["method"] for r in rows}, key=lambda m: _order({"protocol": {"method": m}}))
-    for axis, (metric, label) in zip(axes, LABELS.items(), strict=True):
-        for method in methods:
-            points = sorted(
-                (r["protocol"]["T"], r["after_stream"][metric]) for r in rows if r["protocol"]["method"] == method
-            )
-            style = {"linewidth": 2.5} if method == "LEMoE" else {"linewidth": 1.2, "alpha": 0.8}
-            axis.plot(*zip(*points, strict=True), marker="o", label=method, **style)
-        axis.set_xscale("log")
-        axis.set_title(f"{label} ({metric})")
+    for row, (family, metrics) in zip(axes, FAMILIES.items(), strict=True):  # generated on top
+        for axis, metric, label in zip(row, metrics, LABELS.values(), strict=True):
+            for method in methods:
+                points = sorted(
+                    (r["protocol"]["T"], r["after_stream"][metric])
+                    for r in rows
+                    if r["protocol"]["method"] == method and metric in r["after_stream"]
+                )
+                style = {"linewidth": 2.5} if method == "LEMoE" else {"linewidth": 1.2, "alpha": 0.8}
+                if points:
+                    axis.plot(*zip(*points, strict=True), marker="o", label=method, **style)
+            axis.set_xscale("log")
+            axis.set_title(f"{label}, {family} ({metric})")
+            axis.grid(alpha=0.3)
+        row[0].set_ylabel("after the whole stream")
+    for axis in axes[-1]:
         axis.set_xlabel("stream length T")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel("after the whole stream")
-    axes[0].set_ylim(-0.02, 1.02)
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    axes[0][0].set_ylim(-0.02, 1.02)
+    figure.legend(*axes[-1][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     figure.suptitle(f"Lifelong editing on {dataset}, SmolLM2-135M-Instruct")
     figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
