@@ -13,7 +13,7 @@ from torch import nn
 
 from lemoe_peft import EditRequest, LEMoEConfig, LEMoEEditor
 from lemoe_peft.config import default_layer_index
-from lemoe_peft.editor import EditorSettings
+from lemoe_peft.editor import TRAIN_DTYPES, EditorSettings
 from lemoe_peft.replay import LowerLayerReplay
 from lemoe_peft.teacher_forcing import encode
 from lemoe_peft.training import Objective, fit
@@ -70,6 +70,7 @@ class Method:
             learning_rate=self.settings["learning_rate"],
             early_stop_loss=self.settings["early_stop_loss"],
             replay=replay.replay,
+            autocast_dtype=TRAIN_DTYPES[self.settings.get("train_dtype", "float32")],
         )
         for tensor in tensors:
             tensor.requires_grad_(False)
