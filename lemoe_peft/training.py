@@ -157,7 +157,7 @@ class _Shares:
         self.is_answer = part.batch.predicts[self.positions]
         self.is_end = part.ends()[self.positions]
         self.is_preserved = ~(self.is_answer | self.is_end)
-        answers = (whole.batch.predicts | whole.ends()).sum().item()
-        self.answers = (self.is_answer | self.is_end).sum().item() / answers
-        preserved = (whole.positions() & ~(whole.batch.predicts | whole.ends())).sum().item()
+        answered = whole.batch.predicts | whole.ends()
+        self.answers = (self.is_answer | self.is_end).sum().item() / answered.sum().item()
+        preserved = (whole.positions() & ~answered).sum().item()
         self.preserved = self.is_preserved.sum().item() / max(preserved, 1)
