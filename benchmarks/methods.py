@@ -147,11 +147,13 @@ class LEMoE(Method):
         return tensor_bytes(t for k, t in self.model.state_dict().items() if ".lemoe_" in k)
 
 
-class LEMoENoPlanning(LEMoE):
-    name = "LEMoE w/o planning"
+class LEMoEPlanned(LEMoE):
+    """LEMoE with the paper's clustering-based order planning (the default edits in arrival order)."""
+
+    name = "LEMoE with planning"
 
     def __init__(self, base, tokenizer, settings) -> None:
-        super().__init__(base, tokenizer, settings, plan_order=False)
+        super().__init__(base, tokenizer, settings, plan_order=True)
 
 
 class LEMoENoSubjectGate(LEMoE):
@@ -219,6 +221,6 @@ METHODS = {
     method.name: method
     for method in (
         *(LEMoE, FineTuneFFN, LoRA, ConventionalMoE),
-        *(LEMoENoPlanning, LEMoELearnedRouter, LEMoENoFreezing, LEMoEThreshold06, LEMoENoSubjectGate),
+        *(LEMoEPlanned, LEMoELearnedRouter, LEMoENoFreezing, LEMoEThreshold06, LEMoENoSubjectGate),
     )
 }

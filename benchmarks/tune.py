@@ -29,7 +29,7 @@ LEMOE_GRID = [
     *[("LEMoE", {"preserve_weight": w}) for w in (0.0, 3.0)],
     *[("LEMoE", {"anchor_threshold": t}) for t in (0.4, 0.6)],
     *[("LEMoE", {"batch_size": b}) for b in (5, 20)],
-    ("LEMoE", {"plan_order": False}),
+    ("LEMoE", {"plan_order": True}),
 ]
 
 

@@ -83,12 +83,12 @@ def test_inspect_before_any_edit_names_no_expert():
 
 def test_order_planning_is_deterministic_and_switchable():
     model = new_model()
-    editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS)
+    editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, plan_order=True, **SETTINGS)
     editor.ensure_calibrated()
     planned = [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
     assert planned == [[r.prompt for r in batch] for batch in editor.plan(REQUESTS)]
     assert sorted(p for batch in planned for p in batch) == sorted(r.prompt for r in REQUESTS)
-    plain = LEMoEEditor(model, tiny_tokenizer(), plan_order=False, batch_size=3).plan(REQUESTS)
+    plain = LEMoEEditor(model, tiny_tokenizer(), batch_size=3).plan(REQUESTS)  # the default: arrival order
     assert [r.prompt for r in plain[0]] == [f[0] for f in FACTS[:3]]
 
 
