@@ -1,7 +1,8 @@
 """A long lifelong stream (10,000 edits of CounterFact train), LEMoE only, resumable across processes and sessions.
 
-The stream arrives in chunks of 1,000 records; each chunk is planned and edited with the benchmark's settings, the
-adapter is checkpointed atomically every 10 batches, and a rerun of the same command resumes from the checkpoint.
+The stream arrives in chunks of 1,000 records; each chunk is batched by the editor's `plan` and edited with the
+benchmark's settings, the adapter is checkpointed atomically every 10 batches, and a rerun of the same command
+resumes from the checkpoint.
 At every checkpoint T (edits made so far) it scores all T edits teacher-forced and a fixed random sample of 1,000 of
 them under greedy generation, and measures seconds per edit of each slice of 1,000 edits, inference latency against
 the base model (interleaved in one process), adapter bytes per edit, the time to load the adapter and the peak memory.
@@ -82,7 +83,8 @@ def _checkpoint_result(model, tokenizer, done, adapter: Path, cache: Path, setti
             "method": "LEMoE",
             "dataset": "counterfact-train",
             "data": f"{STREAMS['counterfact-train'].name}: the first {T} valid records as one stream, in chunks of "
-            f"{CHUNK} (each planned on arrival); its first 100 records are the held-out tuning data",
+            f"{CHUNK} (each batched by the editor's plan on arrival); its first 100 records are the held-out "
+            "tuning data",
             "T": len(done),
             "stream_T": T,
             "model": MODEL_NAME,
