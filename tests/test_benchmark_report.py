@@ -1,8 +1,15 @@
 """The benchmark report shows the generation-based metrics first, and still renders results written before they
-existed."""
+existed; the freezing probe routes as a batch saw it."""
 
+import torch
+from peft import get_peft_model
+
+from benchmarks.freezing_probe import experts_up_to
 from benchmarks.report import _table
 from benchmarks.stream import checkpoints_for, slice_seconds
+from lemoe_peft import LEMoEConfig
+
+from .helpers import give_expert, tiny_model, token_batch
 
 OLD = {
     "protocol": {"method": "FT-L", "T": 10},
@@ -34,3 +41,22 @@ def test_a_long_stream_reports_seconds_per_edit_by_slice_and_checks_at_fixed_poi
     log = [{"requests": [{}] * 10, "seconds": 4.0}] * 150 + [{"requests": [{}] * 5, "seconds": 1.0}] * 2
     assert slice_seconds(log) == [0.4, round(202 / 510, 4)]  # 1,000 edits in 400 s, then 510 in 202 s
     assert checkpoints_for(10000) == [1000, 2000, 5000, 10000] and checkpoints_for(1500) == [1000, 1500]
+
+
+def test_the_freezing_probe_routes_as_a_batch_saw_it_and_restores_the_adapter():
+    model = get_peft_model(tiny_model(), LEMoEConfig(target_modules=["down_proj"], layers_to_transform=[2]))
+    first, second = token_batch(1, 6, seed=3), token_batch(1, 6, seed=4)
+    give_expert(model, first)
+    newest = give_expert(model, second)
+    (layer,) = model.base_model.lemoe_layers("default").values()
+    thresholds = layer.lemoe_key_threshold["default"].clone()
+
+    def experts_for(ids):
+        with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+            model(input_ids=ids)
+        return layer.route_sequences("default", *next(iter(captured.values())))[0]
+
+    assert (experts_for(second) == newest).all()
+    with experts_up_to(layer, "default", newest - 1):
+        assert not (experts_for(second) == newest).any()
+    assert torch.equal(layer.lemoe_key_threshold["default"], thresholds) and (experts_for(second) == newest).all()
