@@ -6,7 +6,7 @@ the per-case results of LEMoE and of LEMoE w/o freezing. Anchors depend only on 
 expert of that layer changes, so both runs routed every training row alike; restricting routing to the experts that
 existed when a batch trained gives the routing that batch saw.
 
-    python -m benchmarks.freezing_probe --results bench-results --dataset zsre counterfact --T 1000
+    python -m benchmarks.freezing_probe --dataset zsre counterfact --T 1000     # reads bench-results/full/
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def probe(results: Path, dataset: str, T: int, cache: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("bench-results"), help="benchmarks.lifelong's --out")
+    parser.add_argument("--results", type=Path, default=Path("bench-results") / "full", help="lifelong's --out")
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=1000)
     parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
