@@ -38,6 +38,7 @@ from .teacher_forcing import (
     token_position,
     token_rows,
     with_rows,
+    with_tails,
     word_boundary_tokens,
 )
 from .training import Objective, fit
@@ -102,6 +103,15 @@ class EditorSettings:
     negative_continuation: int = dataclasses.field(
         default=2, metadata={"help": "Tokens of the unedited model's continuation of each negative that are kept too."}
     )
+    answer_continuation: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "Tokens of the unedited model's continuation after each answer (from its likeliest word-ending "
+            "token) where the new expert must keep the unedited predictions, so that it stops acting once the answer "
+            "is written: generation repeats the answer less often, and locality rises, at a cost in generality "
+            "(0: off)."
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,6 +122,7 @@ class EditorSettings:
             (self.preserve_weight >= 0, "preserve_weight must be >= 0"),
             (self.negatives_per_edit >= 0, "negatives_per_edit must be >= 0"),
             (self.negative_continuation >= 0, "negative_continuation must be >= 0"),
+            (self.answer_continuation >= 0, "answer_continuation must be >= 0"),
             (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {sorted(TRAIN_DTYPES)}"),
         ]
         for ok, message in checks:
@@ -296,7 +307,7 @@ class LEMoEEditor:
             torch.manual_seed(self.settings.seed + self.config.num_experts)
             expert = self.tuner.add_expert(self.adapter)
         self.model.eval()  # no dropout: the routing and the expert see exactly what inference will
-        batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
+        batch = self._with_continuations(encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]))
         layers = self.tuner.lemoe_layers(self.adapter)
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
@@ -364,14 +375,36 @@ class LEMoEEditor:
         rows = [rows[i] for i in sorted(order[: len(requests)])]
         if not rows:
             return batch
+        return with_rows(self.tokenizer, batch, self._unedited_continuations(rows, settings.negative_continuation))
+
+    @torch.no_grad()
+    def _with_continuations(self, batch: TeacherForcedBatch) -> TeacherForcedBatch:
+        """``batch`` with each answer followed by what the unedited model writes after it: its likeliest token that
+        ends the answer, then its greedy continuation (``answer_continuation`` tokens in all). Wherever the new
+        expert's anchors reach those positions, training keeps their predictions (:meth:`_preserved_positions`)."""
+        count = self.settings.answer_continuation
+        if count == 0 or self.settings.preserve_weight == 0:
+            return batch.to(self.device)
+        rows = batch.token_lists()
+        continued = self._unedited_continuations(rows, count, first=self._answer_end())
+        tails = [ids[len(row) :] for ids, row in zip(continued, rows, strict=True)]
+        return with_tails(self.tokenizer, batch, tails).to(self.device)
+
+    @torch.no_grad()
+    def _unedited_continuations(
+        self, rows: list[list[int]], count: int, first: torch.Tensor | None = None
+    ) -> list[list[int]]:
+        """Each token row followed by the unedited model's next ``count`` greedy tokens; ``first`` (vocab,) bool
+        restricts the first of them."""
         with self.model.disable_adapter():
-            for _ in range(settings.negative_continuation):
+            for step in range(count):
                 tokens = token_rows(self.tokenizer, rows).to(self.device)
                 logits = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
-                last = tokens.attention_mask.sum(dim=1) - 1
-                following = logits.logits[torch.arange(len(rows)), last].argmax(dim=-1).tolist()
-                rows = [ids + [token] for ids, token in zip(rows, following, strict=True)]
-        return with_rows(self.tokenizer, batch, rows).to(self.device)
+                scores = logits.logits[torch.arange(len(rows)), tokens.attention_mask.sum(dim=1) - 1]
+                if step == 0 and first is not None:
+                    scores = scores.masked_fill(~first, float("-inf"))
+                rows = [ids + [token] for ids, token in zip(rows, scores.argmax(dim=-1).tolist(), strict=True)]
+        return rows
 
     def _routed_to(self, expert: int, batch: TeacherForcedBatch, captured: dict) -> torch.Tensor:
         """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""

@@ -23,6 +23,10 @@ class TeacherForcedBatch:
     answers: torch.Tensor  # (n,) the answer tokens, in row-major order of `predicts`
     answer_lengths: list[int]  # answer tokens per row
 
+    def token_lists(self) -> list[list[int]]:
+        """Each row's tokens, without padding."""
+        return [ids[mask.bool()].tolist() for ids, mask in zip(self.input_ids, self.attention_mask, strict=True)]
+
     def to(self, device: torch.device | str) -> TeacherForcedBatch:
         return TeacherForcedBatch(
             self.input_ids.to(device),
@@ -86,10 +90,24 @@ def with_rows(
     tokenizer: PreTrainedTokenizerBase, batch: TeacherForcedBatch, rows: Sequence[list[int]]
 ) -> TeacherForcedBatch:
     """``batch`` with extra token rows that predict no answer (e.g. prompts whose predictions must not move)."""
-    old = [ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)]
-    predicts = [p[: len(ids)].tolist() for p, ids in zip(batch.predicts, old, strict=True)]
+    old, predicts = _unpadded(batch)
     predicts += [[False] * len(ids) for ids in rows]
     return _padded(tokenizer, old + list(rows), predicts, batch.answers.tolist(), batch.answer_lengths)
+
+
+def with_tails(
+    tokenizer: PreTrainedTokenizerBase, batch: TeacherForcedBatch, tails: Sequence[list[int]]
+) -> TeacherForcedBatch:
+    """``batch`` with tokens appended to each row after its answer; they predict no answer."""
+    old, predicts = _unpadded(batch)
+    rows = [ids + list(tail) for ids, tail in zip(old, tails, strict=True)]
+    predicts = [p + [False] * len(tail) for p, tail in zip(predicts, tails, strict=True)]
+    return _padded(tokenizer, rows, predicts, batch.answers.tolist(), batch.answer_lengths)
+
+
+def _unpadded(batch: TeacherForcedBatch) -> tuple[list[list[int]], list[list[bool]]]:
+    rows = batch.token_lists()
+    return rows, [p[: len(ids)].tolist() for p, ids in zip(batch.predicts, rows, strict=True)]
 
 
 def token_rows(tokenizer: PreTrainedTokenizerBase, rows: Sequence[list[int]]) -> TeacherForcedBatch:

@@ -14,6 +14,7 @@ from lemoe_peft.editor import EditorSettings
 from lemoe_peft.evaluation import evaluate_edits
 from lemoe_peft.inspection import which_expert
 from lemoe_peft.requests import EditRequest, Probe
+from lemoe_peft.teacher_forcing import answer_ends, encode, word_boundary_tokens
 
 from .helpers import CALIBRATION, FACTS, tiny_model, tiny_tokenizer
 
@@ -253,3 +254,27 @@ def test_negative_prompts_join_the_batch_and_the_expert_trains_with_them():
     editor = new_editor()
     editor.edit_batch(requests)
     assert evaluate_edits(editor.model, tiny_tokenizer(), requests)["rewrite_acc"] == 1.0
+
+
+def test_answer_continuations_follow_each_answer_and_are_kept_where_the_expert_reaches_them():
+    requests = [EditRequest("paris is in", "italy"), EditRequest("who wrote hamlet", "goethe")]
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    settings = {**SETTINGS, "answer_continuation": 2, "anchor_threshold": -1.0}  # anchors that reach every position
+    editor = LEMoEEditor(model, tokenizer, calibration=CALIBRATION, **settings)
+    expert = editor.open_expert(requests)
+    opened = editor._opened()
+    plain = encode(tokenizer, [(r.prompt, r.target_new) for r in requests])
+    boundary = word_boundary_tokens(tokenizer, model.get_output_embeddings().weight.shape[0])
+    for row, (extended, original) in enumerate(zip(opened.batch.token_lists(), plain.token_lists(), strict=True)):
+        assert extended[: len(original)] == original and len(extended) == len(original) + 2
+        assert boundary[extended[len(original)]], "the first token after the answer ends it"
+        assert torch.equal(opened.batch.predicts[row, : len(original)], plain.predicts[row, : len(original)])
+        assert not opened.batch.predicts[row, len(original) :].any()
+    preserved = editor._preserved_positions(expert, opened.batch, opened.captured)
+    tails = opened.batch.attention_mask.bool() & ~answer_ends(opened.batch.predicts).cumsum(dim=1).eq(0)
+    assert preserved[tails & ~answer_ends(opened.batch.predicts)].all()
+    editor.close_expert()
+    plain_editor = LEMoEEditor(new_model(), tokenizer, calibration=CALIBRATION, **SETTINGS)
+    plain_editor.open_expert(requests)
+    assert plain_editor._opened().batch.token_lists() == plain.token_lists(), "off by default"
