@@ -17,6 +17,7 @@ import torch
 
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.evaluation import generated_answer_hits
+from lemoe_peft.inspection import which_expert
 
 from .data import load_base, requests_for
 from .lifelong import SETTINGS
@@ -34,18 +35,13 @@ def outcomes(dataset: str, T: int, cache: Path) -> dict:
         owner |= {id(r): expert for r in batch}
     pairs = [(p, r.target_new) for r in requests for p in r.rephrase_prompts]
     owners = [owner[id(r)] for r in requests for _ in r.rephrase_prompts]
-    tuner, adapter = method.model.base_model, method.editor.adapter
-    (layer,) = tuner.lemoe_layers(adapter).values()
-    routed = []
-    for prompt, _ in pairs:
-        inputs = tokenizer(prompt.rstrip(), return_tensors="pt")
-        with torch.no_grad(), tuner.capture_layer_inputs() as captured:
-            method.model(**inputs)
-        experts, _ = layer.route_sequences(adapter, *next(iter(captured.values())))
-        routed.append(int(experts[0, -1, 0]))
+    routed = [
+        next(iter(which_expert(method.model, tokenizer, prompt.rstrip())["layers"].values()))["expert"]
+        for prompt, _ in pairs
+    ]
     hits = generated_answer_hits(method.model, tokenizer, pairs)
     counts = Counter(
-        ("own expert" if e == o else "no expert" if e < 0 else "another expert", "answers" if hit else "misses")
+        ("own expert" if e == o else "no expert" if e is None else "another expert", "answers" if hit else "misses")
         for e, o, hit in zip(routed, owners, hits, strict=True)
     )
     return {
