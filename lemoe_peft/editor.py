@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from .checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from .config import LEMoEConfig
 from .edit_log import edited_fingerprints, fingerprint
+from .generation import greedy_token_continuations
 from .model import LEMoEModel
 from .models import input_device
 from .negatives import negative_prompts, subject_span
@@ -375,7 +376,8 @@ class LEMoEEditor:
         rows = [rows[i] for i in sorted(order[: len(requests)])]
         if not rows:
             return batch
-        return with_rows(self.tokenizer, batch, self._unedited_continuations(rows, settings.negative_continuation))
+        tails = self._unedited_continuations(rows, settings.negative_continuation)
+        return with_rows(self.tokenizer, batch, [row + tail for row, tail in zip(rows, tails, strict=True)])
 
     @torch.no_grad()
     def _with_continuations(self, batch: TeacherForcedBatch) -> TeacherForcedBatch:
@@ -385,26 +387,18 @@ class LEMoEEditor:
         count = self.settings.answer_continuation
         if count == 0 or self.settings.preserve_weight == 0:
             return batch.to(self.device)
-        rows = batch.token_lists()
-        continued = self._unedited_continuations(rows, count, first=self._answer_end())
-        tails = [ids[len(row) :] for ids, row in zip(continued, rows, strict=True)]
+        tails = self._unedited_continuations(batch.token_lists(), count, first=self._answer_end())
         return with_tails(self.tokenizer, batch, tails).to(self.device)
 
-    @torch.no_grad()
     def _unedited_continuations(
         self, rows: list[list[int]], count: int, first: torch.Tensor | None = None
     ) -> list[list[int]]:
-        """Each token row followed by the unedited model's next ``count`` greedy tokens; ``first`` (vocab,) bool
-        restricts the first of them."""
+        """What the unedited model writes after each token row: ``count`` greedy tokens (fewer where it writes EOS),
+        generated with a KV cache; ``first`` (vocab,) bool restricts the first of them."""
         with self.model.disable_adapter():
-            for step in range(count):
-                tokens = token_rows(self.tokenizer, rows).to(self.device)
-                logits = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
-                scores = logits.logits[torch.arange(len(rows)), tokens.attention_mask.sum(dim=1) - 1]
-                if step == 0 and first is not None:
-                    scores = scores.masked_fill(~first, float("-inf"))
-                rows = [ids + [token] for ids, token in zip(rows, scores.argmax(dim=-1).tolist(), strict=True)]
-        return rows
+            return greedy_token_continuations(
+                self.model, self.tokenizer, rows, [count] * len(rows), batch_size=32, first_tokens=first
+            )
 
     def _routed_to(self, expert: int, batch: TeacherForcedBatch, captured: dict) -> torch.Tensor:
         """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""

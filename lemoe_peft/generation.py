@@ -94,7 +94,6 @@ def _truncate(tokens: list[int], limit: int, eos: set[int], newline: _StopAtNewl
     return tokens
 
 
-@torch.no_grad()
 def greedy_continuations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -108,12 +107,38 @@ def greedy_continuations(
     """Each prompt's greedy continuation (token ids): at most its ``max_new_tokens`` tokens, ending with the first EOS
     token and (with ``stop_at_newline``) the first token whose text holds a newline. Prompts are tokenized as the
     teacher-forced metrics tokenize them; ``progress`` names a progress bar (none when None)."""
+    rows = [tokenizer(prompt.rstrip()).input_ids for prompt in prompts]
+    return greedy_token_continuations(
+        model,
+        tokenizer,
+        rows,
+        max_new_tokens,
+        stop_at_newline=stop_at_newline,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def greedy_token_continuations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[list[int]],
+    max_new_tokens: Sequence[int],
+    *,
+    stop_at_newline: bool = False,
+    batch_size: int = 16,
+    progress: str | None = None,
+    first_tokens: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """:func:`greedy_continuations` of token rows; ``first_tokens`` (vocab,) bool: the tokens the first new token
+    is chosen among (all when None)."""
     model.eval()
     device = input_device(model)
-    rows = [tokenizer(prompt.rstrip()).input_ids for prompt in prompts]
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     newline = _StopAtNewline(tokenizer) if stop_at_newline else None
+    suppressed = None if first_tokens is None else (~first_tokens).nonzero().flatten().tolist()
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), max_new_tokens[i]))
     results: list[list[int]] = [[] for _ in rows]
     starts = range(0, len(order), batch_size)
@@ -130,6 +155,7 @@ def greedy_continuations(
             eos_token_id=eos or None,
             pad_token_id=pad,
             stopping_criteria=StoppingCriteriaList([newline]) if newline else None,
+            begin_suppress_tokens=suppressed,
         )
         for row, i in enumerate(chunk):
             generated = output[row, input_ids.shape[1] :].tolist()

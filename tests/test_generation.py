@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lemoe_peft import EditRequest, GenerationSettings, LEMoEConfig, Probe, evaluate_edits
 from lemoe_peft.evaluation import restates_edit
-from lemoe_peft.generation import answers_with, greedy_continuations
+from lemoe_peft.generation import answers_with, greedy_continuations, greedy_token_continuations
 
 from .helpers import TINY_CONFIGS, VOCAB, give_expert, tiny_model, tiny_tokenizer
 
@@ -71,6 +71,18 @@ def test_generation_stops_at_eos_newline_or_the_token_budget():
     ]
     assert greedy_continuations(model, TOKENIZER, prompts[:1], [3])[0] == [*ids("rome"), NEWLINE, *ids("rome")]
     assert greedy_continuations(model, TOKENIZER, prompts[2:], [2])[0] == ids("egypt italy"), "the token budget"
+
+
+def test_token_rows_continue_from_a_restricted_first_token():
+    model = ScriptedLM(SCRIPT)
+    rows = [ids("paris is in"), ids("the nile flows through")]
+    allowed = torch.zeros(VOCAB, dtype=torch.bool)
+    allowed[ids("blue")] = True  # not what the script writes first ("rome", "egypt")
+    restricted = greedy_token_continuations(model, TOKENIZER, rows, [3, 3], first_tokens=allowed)
+    assert restricted == [ids("blue green red")] * 2, "the allowed first token, then the script"
+    assert greedy_token_continuations(model, TOKENIZER, rows, [3, 3]) == greedy_continuations(
+        model, TOKENIZER, ["paris is in", "the nile flows through"], [3, 3]
+    )
 
 
 def test_generation_metrics_follow_their_definitions():
