@@ -1,13 +1,15 @@
 """The benchmark report shows the generation-based metrics first, and still renders results written before they
-existed; the freezing probe routes as a batch saw it."""
+existed; the freezing probe routes as a batch saw it; CounterFact's rephrases split by kind."""
 
+import pytest
 import torch
 from peft import get_peft_model
 
+from benchmarks.counterfact_rephrases import OTHER, PARAPHRASE, rephrase_kind, split_by_kind
 from benchmarks.freezing_probe import experts_up_to
 from benchmarks.report import _table
 from benchmarks.stream import checkpoints_for, slice_seconds
-from lemoe_peft import LEMoEConfig
+from lemoe_peft import EditRequest, LEMoEConfig
 
 from .helpers import give_expert, tiny_model, token_batch
 
@@ -60,3 +62,25 @@ def test_the_freezing_probe_routes_as_a_batch_saw_it_and_restores_the_adapter():
     with experts_up_to(layer, "default", newest - 1):
         assert not (experts_for(second) == newest).any()
     assert torch.equal(layer.lemoe_key_threshold["default"], thresholds) and (experts_for(second) == newest).all()
+
+
+def test_counterfact_rephrases_split_into_prefixed_paraphrases_and_the_rest():
+    assert rephrase_kind("It is found in Palestine. M5 motorway can be found in", "M5 motorway") == PARAPHRASE
+    assert rephrase_kind("Virton players\nCategory:Association football defenders Nigel de Jong, the",
+                         "Nigel de Jong") == PARAPHRASE  # fmt: skip
+    assert rephrase_kind("One can get to Valdemarsvik by navigating", "Valdemarsvik") == OTHER
+    assert rephrase_kind("Charlotte T. Reid's capital is", "Charlotte T. Reid") == OTHER, "no text before it"
+    requests = [
+        EditRequest("M5 motorway is in", "Asia", subject="M5 motorway",
+                    rephrase_prompts=["It is found in Palestine. M5 motorway can be found in"]),
+        EditRequest("Galata is in", "Naples", subject="Galata", rephrase_prompts=["Galata's surroundings include"]),
+        EditRequest("Rome is in", "Peru", subject="Rome", rephrase_prompts=["One can get to Rome by navigating"]),
+    ]  # fmt: skip
+    cases = [{"prompt": r.prompt, "rephrase_gen_acc": g, "rephrase_acc": t} for r, g, t in
+             zip(requests, [1.0, 0.0, 1.0], [1.0, 0.5, 0.5], strict=True)]  # fmt: skip
+    assert split_by_kind(cases, requests) == {
+        PARAPHRASE: {"edits": 1, "rephrase_gen_acc": 1.0, "rephrase_acc": 1.0},
+        OTHER: {"edits": 2, "rephrase_gen_acc": 0.5, "rephrase_acc": 0.5},
+    }
+    with pytest.raises(ValueError, match="not aligned"):
+        split_by_kind(cases[::-1], requests)
