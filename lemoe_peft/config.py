@@ -129,15 +129,6 @@ class LEMoEConfig(PeftConfig):
             "existed load with None and route as they did)."
         },
     )
-    route_subject_window: int = field(
-        default=1,
-        metadata={
-            "help": "Tokens whose mean input is matched against subject keys, each key being the mean over the "
-            "subject's last tokens (1: the token alone; a sequence's first token never counts). A window of a few "
-            "tokens keeps a subject recognizable in other wordings (adapters saved before this setting existed "
-            "load with 1)."
-        },
-    )
     route_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature mixing the top_k experts."})
     route_calibration_size: int = field(
         default=0, metadata={"help": "Number of query vectors the routing statistics came from (0: not calibrated)."}
@@ -185,9 +176,8 @@ class LEMoEConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """PEFT calls this with a saved config's fields before building it: one saved before
-        ``route_subject_margin`` or ``route_subject_window`` existed keeps the routing it was trained with."""
+        ``route_subject_margin`` existed keeps the routing it was trained with."""
         kwargs.setdefault("route_subject_margin", None)
-        kwargs.setdefault("route_subject_window", 1)
         return super().check_kwargs(**kwargs)
 
     def _validate(self) -> None:
@@ -205,10 +195,6 @@ class LEMoEConfig(PeftConfig):
             (
                 self.route_subject_margin is None or self.route_subject_margin >= 0,
                 "route_subject_margin must be >= 0 (or None)",
-            ),
-            (
-                isinstance(self.route_subject_window, int) and self.route_subject_window >= 1,
-                "route_subject_window must be an integer >= 1",
             ),
             (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),

@@ -32,7 +32,6 @@ from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .routing import token_counts
 from .teacher_forcing import (
     TeacherForcedBatch,
     answer_logits,
@@ -451,8 +450,8 @@ class LEMoEEditor:
     def _subject_keys(
         self, layer_names: Iterable[str], captured: dict, requests: Sequence[EditRequest], batch: TeacherForcedBatch
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Per layer, the keys of the batch's subjects (the subject window at a subject's last token, see
-        :meth:`LEMoELayer.subject_windows`), and for each anchor the index of its request's subject (-1: none).
+        """Per layer, the keys of the batch's subjects (the input at a subject's last token, see
+        :meth:`LEMoELayer.subject_queries`), and for each anchor the index of its request's subject (-1: none).
         A subject at a prompt's first token gets no key: that position's state is alike for every text."""
         positions = []
         for row, request in enumerate(requests):
@@ -466,11 +465,9 @@ class LEMoEEditor:
         rows = torch.tensor([row for row, _ in positions], dtype=torch.long)
         columns = torch.tensor([position for _, position in positions], dtype=torch.long)
         layers = self.tuner.lemoe_layers(self.adapter)
-        subjects = {}
-        for name in layer_names:
-            inputs, valid = captured[name]
-            windows, _ = layers[name].subject_windows(self.adapter, inputs, token_counts(inputs, valid), valid)
-            subjects[name] = layers[name].subject_queries(self.adapter, windows[rows, columns])
+        subjects = {
+            name: layers[name].subject_queries(self.adapter, captured[name][0][rows, columns]) for name in layer_names
+        }
         return subjects, index[batch.predicts.nonzero()[:, 0].cpu()]
 
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:

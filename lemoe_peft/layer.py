@@ -35,7 +35,6 @@ from .adapter_file import ROUTING_STATE, SAVED_BUFFERS
 from .config import LEMoEConfig
 from .routing import (
     CallContext,
-    RecentInputs,
     RouteState,
     RoutingSession,
     causal_mean,
@@ -45,7 +44,6 @@ from .routing import (
     token_counts,
     whiten,
     whitening_statistics,
-    window_means,
 )
 
 _ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
@@ -69,7 +67,6 @@ class RouteSettings:
     activation: str
     subject_threshold: float | None
     subject_margin: float | None
-    subject_window: int
     whiten_rank: int
 
     @classmethod
@@ -83,7 +80,6 @@ class RouteSettings:
             config.expert_activation,
             config.route_subject_threshold,
             config.route_subject_margin,
-            config.route_subject_window,
             config.route_whiten_rank,
         )
 
@@ -297,7 +293,7 @@ class LEMoELayer(BaseTunerLayer):
     ) -> None:
         """Append anchor ``keys`` (n, k), already in query space, owned by ``expert``, each with its threshold.
 
-        ``subjects`` (s, k) are keys of the edited subjects (whitened subject windows, see :meth:`subject_queries`)
+        ``subjects`` (s, k) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`)
         and ``key_subject`` (n,) says which of them gates each anchor (-1: none).
         """
         if not 0 <= expert < self.num_experts(adapter_name):
@@ -386,8 +382,8 @@ class LEMoELayer(BaseTunerLayer):
         )
 
     def subject_queries(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Whitened, normalized subject windows (:meth:`subject_windows`): the space of subject keys (edit time) and
-        of the windows matched against them (inference)."""
+        """Whitened, normalized inputs of single tokens: the space of subject keys (edit time) and of the token
+        inputs matched against them (inference)."""
         return whiten(
             x.float(),
             self.lemoe_route_mean[adapter_name].float(),
@@ -395,42 +391,24 @@ class LEMoELayer(BaseTunerLayer):
             normalize=True,
         )
 
-    def subject_windows(
-        self,
-        adapter_name: str,
-        x: torch.Tensor,
-        counts: torch.Tensor,
-        valid: torch.Tensor | None = None,
-        prefix: RecentInputs | None = None,
-    ) -> tuple[torch.Tensor, RecentInputs]:
-        """Each token's mean input over the last ``route_subject_window`` tokens of ``x`` (B, T, d_in) (a sequence's
-        first token and padding never count; ``counts`` (B, T) numbers the valid tokens read so far), continuing
-        ``prefix``; and the inputs the next call needs. A subject's key is its last token's window."""
-        counted = counts > 1 if valid is None else (counts > 1) & valid
-        return window_means(x, counted, self.lemoe_settings[adapter_name].subject_window, prefix)
-
     def subject_gate(
         self,
         adapter_name: str,
         x: torch.Tensor,
         counts: torch.Tensor,
         valid: torch.Tensor | None = None,
-        prefix: RouteState | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, RecentInputs | None]:
-        """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans, the subject scores so
-        far (B, T, S) and the recent inputs to continue from (``prefix``: the state after the previous call of a
-        cached generation); Nones when no anchor is gated."""
+        prefix: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans, and the subject
+        scores so far (B, T, S) to continue from; (None, None) when no anchor is gated."""
         settings = self.lemoe_settings[adapter_name]
         threshold = settings.subject_threshold
         subjects = self.lemoe_subjects[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
-            return None, None, None
-        recent = None if prefix is None else prefix.recent.get(adapter_name)
-        windows, recent = self.subject_windows(adapter_name, x, counts, valid, recent)
-        scores = self.subject_queries(adapter_name, windows) @ subjects.float().T
-        best = None if prefix is None else prefix.presence.get(adapter_name)
-        presence = subject_presence(scores, counts, valid, best, settings.subject_margin)
-        return presence >= threshold, presence, recent
+            return None, None
+        scores = self.subject_queries(adapter_name, x) @ subjects.float().T
+        presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin)
+        return presence >= threshold, presence
 
     def route(
         self, adapter_name: str, pooled: torch.Tensor, read: torch.Tensor | None = None
@@ -466,7 +444,7 @@ class LEMoELayer(BaseTunerLayer):
         self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them."""
-        read, _, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
+        read, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
         return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
 
     def _route_call(
@@ -484,10 +462,16 @@ class LEMoELayer(BaseTunerLayer):
             call.update(valid=valid, prefix=prefix, means=means, counts=counts, state=RouteState(sums))
             if context is not None:
                 context.updated[id(self)] = call["state"]
-        read, presence, recent = self.subject_gate(adapter_name, x, call["counts"], call["valid"], call["prefix"])
+        prefix = call["prefix"]
+        read, presence = self.subject_gate(
+            adapter_name,
+            x,
+            call["counts"],
+            call["valid"],
+            None if prefix is None else prefix.presence.get(adapter_name),
+        )
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
-            call["state"].recent[adapter_name] = recent
         return self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
 
     # ---------------------------------------------------------------------------------------------------- experts

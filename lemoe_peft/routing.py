@@ -26,7 +26,6 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d), number of valid tokens (B, 1))
-RecentInputs = tuple[torch.Tensor, torch.Tensor]  # the last inputs (B, w - 1, d) and whether each counts (B, w - 1)
 
 
 @dataclass
@@ -35,7 +34,6 @@ class RouteState:
 
     sums: RunningSums  # running sums of the layer input (causal-mean queries)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
-    recent: dict[str, RecentInputs] = field(default_factory=dict)  # per adapter: the inputs its subject window needs
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -67,26 +65,6 @@ def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tens
     weight = torch.ones(x.shape[:2], device=x.device) if valid is None else valid.float()
     counts = weight.cumsum(dim=1)
     return counts if prefix is None else counts + prefix.to(counts)
-
-
-def window_means(
-    x: torch.Tensor, counted: torch.Tensor, window: int, prefix: RecentInputs | None = None
-) -> tuple[torch.Tensor, RecentInputs]:
-    """Each position's mean input over the last ``window`` positions of ``x`` (B, T, d) that count (``counted``
-    (B, T) bool; zeros where none does), continuing ``prefix``; returns the means (B, T, d) in float32 and the last
-    ``window - 1`` inputs for the next call. A mean adds the same terms in the same order whether its sequence comes
-    in one call or token by token, so both give identical results; ``window=1`` gives the counted inputs themselves."""
-    batch, length, dim = x.shape
-    if prefix is None:
-        prefix = (x.new_zeros(batch, window - 1, dim), counted.new_zeros(batch, window - 1))
-    inputs = torch.cat([prefix[0].to(x.dtype), x], dim=1)
-    counts = torch.cat([prefix[1].to(counted.dtype), counted], dim=1)
-    weights = counts.float()[..., None]
-    terms = inputs.float() * weights
-    total = sum(terms[:, j : j + length] for j in range(window))
-    number = sum(weights[:, j : j + length] for j in range(window))
-    kept = inputs.shape[1] - (window - 1)
-    return total / number.clamp_min(1), (inputs[:, kept:], counts[:, kept:])
 
 
 def subject_presence(

@@ -13,7 +13,6 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import lemoe_peft  # noqa: E402,F401  (registers the PEFT type)
-from lemoe_peft.routing import token_counts  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
@@ -88,11 +87,7 @@ def give_expert(
     subjects = gate = None
     if subject_position is not None:
         at = slice(subject_position, subject_position + 1)
-        subjects = {}
-        for key, layer in layers.items():
-            inputs, valid = captured[key]
-            windows, _ = layer.subject_windows(name, inputs, token_counts(inputs, valid), valid)
-            subjects[key] = layer.subject_queries(name, windows[0, at])
+        subjects = {key: layer.subject_queries(name, captured[key][0][0, at]) for key, layer in layers.items()}
         gate = torch.zeros(input_ids.numel(), dtype=torch.long)
     tuner.add_anchors(expert, keys, adapter_name=name, subjects=subjects, key_subject=gate)
     return expert

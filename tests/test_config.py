@@ -46,7 +46,6 @@ def test_config_serialises_with_the_plain_type_name(tmp_path):
         ({"route_threshold": 1.5}, "route_threshold"),
         ({"route_temperature": 0}, "route_temperature"),
         ({"route_subject_margin": -0.1}, "route_subject_margin"),
-        ({"route_subject_window": 0}, "route_subject_window"),
         ({"route_whiten_rank": -2}, "route_whiten_rank"),
         ({"num_anchors": 3}, "anchors need at least one expert"),
         ({"layers_pattern": "layers"}, "layers_pattern"),

@@ -13,7 +13,6 @@ from lemoe_peft.routing import (
     token_counts,
     whiten,
     whitening_statistics,
-    window_means,
 )
 
 from .helpers import give_expert, tiny_model, token_batch
@@ -33,23 +32,6 @@ def test_causal_mean_ignores_padding():
     valid = torch.tensor([[False, False, True, True, True]])
     means, _ = causal_mean(x, valid)
     assert torch.allclose(means[0, 3], x[0, 2:4].mean(dim=0), atol=1e-6)
-
-
-def test_window_means_count_only_the_counted_tokens_and_continue_a_prefix_exactly():
-    x = torch.randn(2, 7, 5, dtype=torch.float64)
-    counted = torch.ones(2, 7, dtype=torch.bool)
-    counted[:, 0] = False  # a sequence's first token
-    counted[1, 5:] = False  # right padding
-    whole, _ = window_means(x, counted, 3)
-    assert torch.equal(whole[0, 1], x[0, 1].float()) and torch.allclose(whole[0, 4], x[0, 2:5].mean(dim=0).float())
-    assert torch.allclose(whole[1, 6], x[1, 4].float()), "padding does not count"
-    parts, state = [], None
-    for start, stop in [(0, 4), (4, 5), (5, 7)]:  # a prompt, then token by token, as cached generation calls
-        part, state = window_means(x[:, start:stop], counted[:, start:stop], 3, state)
-        parts.append(part)
-    assert torch.equal(torch.cat(parts, dim=1), whole), "identical, not merely close"
-    single, _ = window_means(x, counted, 1)
-    assert torch.equal(single[counted], x[counted].float()) and (single[~counted] == 0).all()
 
 
 def test_whitening_equalises_principal_directions_and_shrinks_the_rest():
@@ -158,10 +140,10 @@ def test_subject_margin_lets_a_token_read_only_its_nearest_subjects():
     assert torch.equal(torch.cat([first, rest], dim=1), nearest), "continuing from a prefix is exact"
 
 
-def _gated_model(subject_position: int, pooling: str = "causal_mean", **config):
+def _gated_model(subject_position: int, pooling: str = "causal_mean"):
     """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject key
     taken at ``subject_position`` of that sequence."""
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling, **config))
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling))
     prompt = token_batch(1, 6, seed=3)
     with torch.no_grad():
         continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -186,17 +168,6 @@ def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling):
     model, prompt, _ = _gated_model(subject_position=2, pooling=pooling)
     generated, forced, _ = _generated_forced_and_base(model, prompt)
     assert torch.allclose(generated, forced, atol=1e-4)
-
-
-@pytest.mark.parametrize("window", [1, 3])
-def test_a_subject_read_during_generation_opens_its_gate_as_in_teacher_forcing(window):
-    # the prompt has 6 tokens (positions 0-5); a gate of 0.99 opens only for the subject's own window
-    model, prompt, _ = _gated_model(subject_position=9, route_subject_window=window, route_subject_threshold=0.99)
-    generated, forced, base = _generated_forced_and_base(model, prompt)  # logits at positions 5-10
-    assert torch.allclose(generated, forced, atol=1e-4)
-    # closed at positions 5-6, whose windows (3-5, 4-6 for window=3) share no token with the subject's (7-9)
-    assert torch.allclose(forced[:2], base[:2], atol=1e-5), "closed before the subject is read"
-    assert not torch.allclose(forced[4:], base[4:], atol=1e-3), "open from the subject (a generated token) on"
 
 
 def test_generation_with_nearest_subject_gating_routes_like_teacher_forcing():
