@@ -1,5 +1,8 @@
 """The benchmark report shows the generation-based metrics first, and still renders results written before they
-existed; the freezing probe routes as a batch saw it; CounterFact's rephrases split by kind."""
+existed; the freezing probe routes as a batch saw it; CounterFact's rephrases split by kind; the held-out frontier
+names its points."""
+
+import json
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ from peft import get_peft_model
 
 from benchmarks.counterfact_rephrases import OTHER, PARAPHRASE, rephrase_kind, split_by_kind
 from benchmarks.freezing_probe import experts_up_to
+from benchmarks.frontier import points
+from benchmarks.lifelong import SETTINGS
 from benchmarks.report import _table
 from benchmarks.stream import checkpoints_for, slice_seconds
 from lemoe_peft import EditRequest, LEMoEConfig
@@ -84,3 +89,17 @@ def test_counterfact_rephrases_split_into_prefixed_paraphrases_and_the_rest():
     }
     with pytest.raises(ValueError, match="not aligned"):
         split_by_kind(cases[::-1], requests)
+
+
+def test_the_frontier_names_each_held_out_point_by_the_settings_it_changes(tmp_path):
+    def result(name, T, settings, method="LEMoE", **metrics):
+        protocol = {"T": T, "method": method, "dataset": "zsre", "settings": {**SETTINGS, **settings}}
+        after = {"rephrase_gen_acc": 0.7, "locality_gen_acc": 0.8, **metrics}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"protocol": protocol, "after_stream": after}))
+
+    result("a", 300, {})
+    result("b", 300, {"answer_continuation": 2, "seed": 0}, locality_other_gen_acc=0.9)
+    result("c", 100, {"answer_continuation": 2})  # another stream length
+    result("d", 300, {}, method="LoRA")
+    (tmp_path / "outcomes.json").write_text("[]")  # not a benchmark result
+    assert points(tmp_path, 300) == {"zsre": [("defaults", 0.7, 0.8), ("answer_continuation=2", 0.7, 0.9)]}

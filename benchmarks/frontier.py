@@ -1,0 +1,77 @@
+"""The trade-off the held-out settings move along: generated generality against generated locality (on KnowEdit
+ZsRE the other-relation probes) of every held-out LEMoE result of one stream length, one panel per data set, each
+point named by the settings it changes from the benchmark's, with issue #9's targets for reference.
+
+    python -m benchmarks.frontier --T 300      # reads and writes benchmarks/results/heldout/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .lifelong import SETTINGS
+
+RESULTS = Path("benchmarks") / "results" / "heldout"
+# issue #9's targets: (T, generated Gen, generated Loc)
+TARGETS = {"zsre": (100, 0.85, 0.95), "counterfact": (1000, 0.50, 0.90)}
+TITLES = {"zsre": "KnowEdit ZsRE test (held-out)", "counterfact": "CounterFact train (held-out)"}
+Point = tuple[str, float, float]  # (settings changed, generality, locality)
+
+
+def points(results: Path, T: int) -> dict[str, list[Point]]:
+    """Per data set, one point per held-out LEMoE result of stream length ``T``."""
+    found: dict[str, list[Point]] = {}
+    for path in sorted(results.glob("*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        protocol = result.get("protocol", {}) if isinstance(result, dict) else {}
+        if protocol.get("T") != T or protocol.get("method") != "LEMoE":
+            continue
+        changed = {k: v for k, v in protocol["settings"].items() if SETTINGS.get(k) != v}
+        label = ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
+        metrics = result["after_stream"]
+        locality = metrics.get("locality_other_gen_acc", metrics["locality_gen_acc"])
+        found.setdefault(protocol["dataset"], []).append((label, metrics["rephrase_gen_acc"], locality))
+    return found
+
+
+def plot(found: dict[str, list[Point]], T: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(found), figsize=(6.5 * len(found), 5), squeeze=False)
+    for axis, (dataset, rows) in zip(axes[0], sorted(found.items(), reverse=True), strict=True):
+        for label, generality, locality in rows:
+            style = {"s": 70, "color": "black"} if label == "defaults" else {"s": 35}
+            axis.scatter(locality, generality, label=label, **style)
+        if dataset in TARGETS:
+            target_T, generality, locality = TARGETS[dataset]
+            axis.scatter(locality, generality, marker="*", s=160, color="tab:red", label=f"#9 target (T={target_T})")
+        axis.legend(fontsize=7, loc="upper left")
+        axis.set_title(f"{TITLES.get(dataset, dataset)}, T={T}")
+        axis.set_xlabel("locality, generated" + (" (other-relation probes)" if dataset == "zsre" else ""))
+        axis.set_ylabel("generality, generated")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--T", type=int, default=300)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    found = points(args.results, args.T)
+    if not found:
+        raise SystemExit(f"No held-out LEMoE results with T={args.T} in {args.results}.")
+    path = args.results / f"frontier-T{args.T}.png"
+    plot(found, args.T, path)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
