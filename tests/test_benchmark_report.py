@@ -1,6 +1,6 @@
 """The benchmark report shows the generation-based metrics first, and still renders results written before they
 existed; the freezing probe routes as a batch saw it; CounterFact's rephrases split by kind; the held-out frontier
-names its points."""
+names its points; an answer repeated after it is written is told apart."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
+from benchmarks.answer_repeats import repeats
 from benchmarks.counterfact_rephrases import OTHER, PARAPHRASE, rephrase_kind, split_by_kind
 from benchmarks.freezing_probe import experts_up_to
 from benchmarks.frontier import points
@@ -103,3 +104,19 @@ def test_the_frontier_names_each_held_out_point_by_the_settings_it_changes(tmp_p
     result("d", 300, {}, method="LoRA")
     (tmp_path / "outcomes.json").write_text("[]")  # not a benchmark result
     assert points(tmp_path, 300) == {"zsre": [("defaults", 0.7, 0.8), ("answer_continuation=2", 0.7, 0.9)]}
+
+
+@pytest.mark.parametrize(
+    ("continuation", "target", "expected"),
+    [
+        (" Spanish Civil War? Spanish Civil War?", "Spanish Civil War", True),
+        (" 1963? 1963?", "1963", True),
+        (" Alexander von Humboldt. Alexander von Humboldt.", "Alexander von Humboldt", True),
+        (" Noctuidae, a family of moths", "Noctuidae", False),  # answers, then goes on
+        (" Civil War? Spanish Civil War?", "Spanish Civil War", False),  # does not answer first
+        (" Paris\n\nParis is the capital", "Paris", True),
+        (" Parisian Paris", "Paris", False),
+    ],
+)
+def test_an_answer_is_repeated_when_the_continuation_starts_it_again(continuation, target, expected):
+    assert repeats(continuation, target) is expected
