@@ -15,14 +15,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import answers_with, greedy_continuations, normalize
 
-from .data import load_base, requests_for
 from .lifelong import SETTINGS
-from .methods import LEMoE
+from .methods import held_out_lemoe
 
 TOKENS = 20
 
@@ -46,12 +43,7 @@ def repeat_rate(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> float:
 
 
 def measure(dataset: str, T: int, settings: dict, cache: Path) -> dict:
-    torch.manual_seed(SETTINGS["seed"])
-    base, tokenizer = load_base(cache)
-    requests = requests_for(dataset, T, tuning=True)
-    method = LEMoE(base, tokenizer, {**SETTINGS, **settings})
-    for batch in method.plan(requests):
-        method.edit_batch(batch)
+    method, tokenizer, requests, _ = held_out_lemoe(dataset, T, {**SETTINGS, **settings}, cache)
     edits = [(r.prompt, r.target_new) for r in requests]
     rephrases = [(p, r.target_new) for r in requests for p in r.rephrase_prompts]
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from lemoe_peft.teacher_forcing import encode
 from lemoe_peft.training import Objective, fit
 
 from .adaptors import RoutedAdaptor
+from .data import load_base, requests_for
 
 EDITOR_FIELDS = {f.name for f in dataclasses.fields(EditorSettings)}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LEMoEConfig)}
@@ -145,6 +147,22 @@ class LEMoE(Method):
 
     def adapter_bytes(self) -> int:
         return tensor_bytes(t for k, t in self.model.state_dict().items() if ".lemoe_" in k)
+
+
+def held_out_lemoe(
+    dataset: str, T: int, settings: dict[str, Any], cache: Path
+) -> tuple[LEMoE, Any, list[EditRequest], list[int]]:
+    """LEMoE with ``settings`` after editing the first ``T`` held-out requests of ``dataset`` in its planned batches:
+    the method, the tokenizer, the requests and the expert each request went into."""
+    torch.manual_seed(settings["seed"])
+    base, tokenizer = load_base(cache)
+    requests = requests_for(dataset, T, tuning=True)
+    method = LEMoE(base, tokenizer, settings)
+    expert_of = {}
+    for expert, batch in enumerate(method.plan(requests)):
+        method.edit_batch(batch)
+        expert_of |= {id(r): expert for r in batch}
+    return method, tokenizer, requests, [expert_of[id(r)] for r in requests]
 
 
 class LEMoEPlanned(LEMoE):

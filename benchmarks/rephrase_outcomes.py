@@ -13,28 +13,18 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.evaluation import generated_answer_hits
 from lemoe_peft.inspection import which_expert
 
-from .data import load_base, requests_for
 from .lifelong import SETTINGS
-from .methods import LEMoE
+from .methods import held_out_lemoe
 
 
 def outcomes(dataset: str, T: int, cache: Path) -> dict:
-    torch.manual_seed(SETTINGS["seed"])
-    base, tokenizer = load_base(cache)
-    requests = requests_for(dataset, T, tuning=True)
-    method = LEMoE(base, tokenizer, SETTINGS)
-    owner = {}
-    for expert, batch in enumerate(method.plan(requests)):
-        method.edit_batch(batch)
-        owner |= {id(r): expert for r in batch}
+    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, SETTINGS, cache)
     pairs = [(p, r.target_new) for r in requests for p in r.rephrase_prompts]
-    owners = [owner[id(r)] for r in requests for _ in r.rephrase_prompts]
+    owners = [e for r, e in zip(requests, experts, strict=True) for _ in r.rephrase_prompts]
     routed = [
         next(iter(which_expert(method.model, tokenizer, prompt.rstrip())["layers"].values()))["expert"]
         for prompt, _ in pairs
