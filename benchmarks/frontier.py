@@ -1,14 +1,17 @@
 """The trade-off the held-out settings move along: generated generality against generated locality (on KnowEdit
 ZsRE the other-relation probes) of every held-out LEMoE result of one stream length, one panel per data set, each
-point named by the settings it changes from the benchmark's, with issue #9's targets for reference.
+point named by the settings it changes from the benchmark's, with issue #9's targets for reference. A result's file
+does not record the code it ran on: name the files made with today's defaults where older ones sit beside them.
 
     python -m benchmarks.frontier --T 300      # reads and writes benchmarks/results/heldout/
+    python -m benchmarks.frontier --T 100 benchmarks/results/heldout/zsre-T100-{arrival-order,depth*}.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from .lifelong import SETTINGS
@@ -20,10 +23,10 @@ TITLES = {"zsre": "KnowEdit ZsRE test (held-out)", "counterfact": "CounterFact t
 Point = tuple[str, float, float]  # (settings changed, generality, locality)
 
 
-def points(results: Path, T: int) -> dict[str, list[Point]]:
-    """Per data set, one point per held-out LEMoE result of stream length ``T``."""
+def points(files: Iterable[Path], T: int) -> dict[str, list[Point]]:
+    """Per data set, one point per held-out LEMoE result of stream length ``T`` among ``files``."""
     found: dict[str, list[Point]] = {}
-    for path in sorted(results.glob("*.json")):
+    for path in files:
         result = json.loads(path.read_text(encoding="utf-8"))
         protocol = result.get("protocol", {}) if isinstance(result, dict) else {}
         if protocol.get("T") != T or protocol.get("method") != "LEMoE":
@@ -42,15 +45,16 @@ def plot(found: dict[str, list[Point]], T: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(found), figsize=(6.5 * len(found), 5), squeeze=False)
+    most = max(map(len, found.values()))
+    figure, axes = plt.subplots(1, len(found), figsize=(6.5 * len(found), 5 + 0.2 * most), squeeze=False)
     for axis, (dataset, rows) in zip(axes[0], sorted(found.items(), reverse=True), strict=True):
-        for label, generality, locality in rows:
-            style = {"s": 70, "color": "black"} if label == "defaults" else {"s": 35}
+        for number, (label, generality, locality) in enumerate(rows):
+            style = {"s": 70, "color": "black"} if label == "defaults" else {"s": 40, "marker": "os^Dv"[number % 5]}
             axis.scatter(locality, generality, label=label, **style)
         if dataset in TARGETS:
             target_T, generality, locality = TARGETS[dataset]
             axis.scatter(locality, generality, marker="*", s=160, color="tab:red", label=f"#9 target (T={target_T})")
-        axis.legend(fontsize=7, loc="upper left")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
         axis.set_title(f"{TITLES.get(dataset, dataset)}, T={T}")
         axis.set_xlabel("locality, generated" + (" (other-relation probes)" if dataset == "zsre" else ""))
         axis.set_ylabel("generality, generated")
@@ -63,11 +67,12 @@ def plot(found: dict[str, list[Point]], T: int, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, default=300)
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder read (without files) and written")
+    parser.add_argument("files", nargs="*", type=Path, help="result files to plot (default: all in --results)")
     args = parser.parse_args()
-    found = points(args.results, args.T)
+    found = points(args.files or sorted(args.results.glob("*.json")), args.T)
     if not found:
-        raise SystemExit(f"No held-out LEMoE results with T={args.T} in {args.results}.")
+        raise SystemExit(f"No held-out LEMoE results with T={args.T} among the files read.")
     path = args.results / f"frontier-T{args.T}.png"
     plot(found, args.T, path)
     print(path)

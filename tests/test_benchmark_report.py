@@ -103,7 +103,9 @@ def test_the_frontier_names_each_held_out_point_by_the_settings_it_changes(tmp_p
     result("c", 100, {"answer_continuation": 2})  # another stream length
     result("d", 300, {}, method="LoRA")
     (tmp_path / "outcomes.json").write_text("[]")  # not a benchmark result
-    assert points(tmp_path, 300) == {"zsre": [("defaults", 0.7, 0.8), ("answer_continuation=2", 0.7, 0.9)]}
+    files = sorted(tmp_path.glob("*.json"))
+    assert points(files, 300) == {"zsre": [("defaults", 0.7, 0.8), ("answer_continuation=2", 0.7, 0.9)]}
+    assert points(files[1:], 300) == {"zsre": [("answer_continuation=2", 0.7, 0.9)]}
 
 
 @pytest.mark.parametrize(
