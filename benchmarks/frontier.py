@@ -49,8 +49,10 @@ def plot(found: dict[str, list[Point]], T: int, path: Path) -> None:
     figure, axes = plt.subplots(1, len(found), figsize=(6.5 * len(found), 5 + 0.2 * most), squeeze=False)
     for axis, (dataset, rows) in zip(axes[0], sorted(found.items(), reverse=True), strict=True):
         for number, (label, generality, locality) in enumerate(rows):
-            style = {"s": 40, "marker": "os^Dv"[number % 5], "color": plt.cm.tab20(number % 20)}
-            style = {"s": 70, "color": "black"} if label == "defaults" else style
+            if label == "defaults":
+                style = {"s": 70, "color": "black"}
+            else:
+                style = {"s": 40, "marker": "os^Dv"[number % 5], "color": plt.cm.tab20(number % 20)}
             axis.scatter(locality, generality, label=label, **style)
         if dataset in TARGETS:
             target_T, generality, locality = TARGETS[dataset]
