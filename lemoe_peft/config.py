@@ -35,6 +35,7 @@ _NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 ROUTE_POOLINGS = ("causal_mean", "token", "mean_and_token")
 ROUTE_SIMILARITIES = ("cosine", "dot")
+ROUTE_GENERATED_TOKENS = ("prompt_experts", "any")
 EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
 
@@ -129,6 +130,14 @@ class LEMoEConfig(PeftConfig):
             "existed load with None and route as they did)."
         },
     )
+    route_generated_tokens: Literal["prompt_experts", "any"] = field(
+        default="prompt_experts",
+        metadata={
+            "help": "During cached generation, a generated token (a one-token call continuing a KV cache) routes "
+            "only to the experts the prompt's last token routed to ('prompt_experts'), or wherever its own query "
+            "leads ('any': adapters saved before this setting existed load with it and generate as they did)."
+        },
+    )
     route_temperature: float = field(default=0.1, metadata={"help": "Softmax temperature mixing the top_k experts."})
     route_calibration_size: int = field(
         default=0, metadata={"help": "Number of query vectors the routing statistics came from (0: not calibrated)."}
@@ -176,8 +185,9 @@ class LEMoEConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """PEFT calls this with a saved config's fields before building it: one saved before
-        ``route_subject_margin`` existed keeps the routing it was trained with."""
+        ``route_subject_margin`` or ``route_generated_tokens`` existed keeps the routing it was trained with."""
         kwargs.setdefault("route_subject_margin", None)
+        kwargs.setdefault("route_generated_tokens", "any")
         return super().check_kwargs(**kwargs)
 
     def _validate(self) -> None:
@@ -197,6 +207,10 @@ class LEMoEConfig(PeftConfig):
                 "route_subject_margin must be >= 0 (or None)",
             ),
             (self.route_pooling in ROUTE_POOLINGS, f"route_pooling must be one of {ROUTE_POOLINGS}"),
+            (
+                self.route_generated_tokens in ROUTE_GENERATED_TOKENS,
+                f"route_generated_tokens must be one of {ROUTE_GENERATED_TOKENS}",
+            ),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),
             (self.expert_activation in EXPERT_ACTIVATIONS, f"expert_activation must be one of {EXPERT_ACTIVATIONS}"),

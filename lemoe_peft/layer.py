@@ -38,6 +38,8 @@ from .routing import (
     RouteState,
     RoutingSession,
     causal_mean,
+    keep_experts,
+    last_routes,
     route_projection,
     select_experts,
     subject_presence,
@@ -68,6 +70,7 @@ class RouteSettings:
     subject_threshold: float | None
     subject_margin: float | None
     whiten_rank: int
+    generated_tokens: str
 
     @classmethod
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
@@ -81,6 +84,7 @@ class RouteSettings:
             config.route_subject_threshold,
             config.route_subject_margin,
             config.route_whiten_rank,
+            config.route_generated_tokens,
         )
 
 
@@ -472,7 +476,15 @@ class LEMoELayer(BaseTunerLayer):
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
-        return self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
+        experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
+        if self.lemoe_settings[adapter_name].generated_tokens == "any":
+            return experts, weights
+        prompt = None if prefix is None or x.shape[1] != 1 else prefix.prompt_experts.get(adapter_name)
+        if prompt is None:  # a prompt (a call that does not continue a cache by one token): remember its last routes
+            call["state"].prompt_experts[adapter_name] = last_routes(experts, call["valid"])
+            return experts, weights
+        call["state"].prompt_experts[adapter_name] = prompt
+        return keep_experts(experts, weights, prompt)
 
     # ---------------------------------------------------------------------------------------------------- experts
     def newest_expert(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:

@@ -9,6 +9,11 @@ wording are asked about; the gate tells about whom, so a prompt with the same te
 reach the expert. Both depend only on the prefix, so teacher-forced training, teacher-forced evaluation and cached
 generation route the same prefix the same way. During cached generation each call only sees the new tokens, so the
 running state of earlier calls is kept per KV-cache object (:class:`RoutingSession`) and resumed on the next call.
+
+One rule applies to generation alone (``route_generated_tokens="prompt_experts"``): a token the model generates (a
+one-token call that continues a cache) routes only to the experts the prompt's last token routed to
+(:func:`keep_experts`). The prompt decides whether an edit answers; a prompt that reaches no expert is continued by
+the base FFN, even where its continuation (a full stop, a newline) resembles an edit prompt's last token.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class RouteState:
 
     sums: RunningSums  # running sums of the layer input (causal-mean queries)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
+    prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the prompt's last routes (B, k)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -191,6 +197,25 @@ def select_experts(
     weights = torch.softmax((top_scores / temperature).masked_fill(~chosen, float("-inf")), dim=-1)
     weights = torch.nan_to_num(weights, nan=0.0)  # rows without any candidate
     return experts.masked_fill(~chosen, -1), weights
+
+
+def last_routes(experts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The experts (B, k) of each row's last valid token, from routes (B, T, k)."""
+    if valid is None:
+        return experts[:, -1]
+    last = valid.long().cumsum(dim=1).argmax(dim=1)  # the first position holding the final count: the last valid one
+    return experts[torch.arange(experts.shape[0], device=experts.device), last]
+
+
+def keep_experts(
+    experts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routes (B, T, k) restricted to the experts ``kept`` (B, k) per row (-1: none), mixing weights renormalized
+    over the experts left (a row left with none keeps the base FFN's output)."""
+    keep = (experts[..., None] == kept[:, None, None, :]).any(dim=-1) & (experts >= 0)
+    weights = weights * keep
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return experts.masked_fill(~keep, -1), weights
 
 
 @dataclass

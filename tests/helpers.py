@@ -62,10 +62,11 @@ def give_expert(
     adapter_name: str | None = None,
     scale: float = 0.5,
     subject_position: int | None = None,
+    positions: slice = slice(None),
 ) -> int:
-    """Calibrate routing (first time), add an expert with random non-zero weights, and anchor it to every position
-    of ``input_ids``, so those inputs are routed to it; with ``subject_position``, every anchor is gated by the
-    subject key taken at that position of the first sequence. Returns the expert index."""
+    """Calibrate routing (first time), add an expert with random non-zero weights, and anchor it to the
+    ``positions`` (default: all) of ``input_ids``, so those inputs are routed to it; with ``subject_position``, every
+    anchor is gated by the subject key taken at that position of the first sequence. Returns the expert index."""
     tuner = model.base_model
     name = adapter_name or tuner.active_adapters[0]
     layers = tuner.lemoe_layers(name)
@@ -81,14 +82,14 @@ def give_expert(
         with tuner.capture_layer_inputs() as captured:
             model(input_ids=input_ids)
     keys = {
-        key: layer.route_queries(name, layer.pooled_queries(name, *captured[key])).flatten(0, 1)
+        key: layer.route_queries(name, layer.pooled_queries(name, *captured[key]))[:, positions].flatten(0, 1)
         for key, layer in layers.items()
     }
     subjects = gate = None
     if subject_position is not None:
         at = slice(subject_position, subject_position + 1)
         subjects = {key: layer.subject_queries(name, captured[key][0][0, at]) for key, layer in layers.items()}
-        gate = torch.zeros(input_ids.numel(), dtype=torch.long)
+        gate = torch.zeros(next(iter(keys.values())).shape[0], dtype=torch.long)
     tuner.add_anchors(expert, keys, adapter_name=name, subjects=subjects, key_subject=gate)
     return expert
 

@@ -46,6 +46,7 @@ def test_config_serialises_with_the_plain_type_name(tmp_path):
         ({"route_threshold": 1.5}, "route_threshold"),
         ({"route_temperature": 0}, "route_temperature"),
         ({"route_subject_margin": -0.1}, "route_subject_margin"),
+        ({"route_generated_tokens": "latest"}, "route_generated_tokens"),
         ({"route_whiten_rank": -2}, "route_whiten_rank"),
         ({"num_anchors": 3}, "anchors need at least one expert"),
         ({"layers_pattern": "layers"}, "layers_pattern"),

@@ -207,12 +207,14 @@ def test_every_way_of_loading_keeps_the_edit_log_and_a_resave_keeps_it(saved, lo
     ],
     ids=["LEMoEConfig", "AutoPeftModel", "PeftModel", "load_adapter"],
 )
-def test_an_adapter_saved_before_the_subject_margin_existed_routes_as_it_did(saved, load):
+def test_an_adapter_saved_before_the_subject_margin_and_generated_token_rule_existed_routes_as_it_did(saved, load):
     path = saved / "adapter" / "adapter_config.json"
     fields = json.loads(path.read_text())
     assert fields.pop("route_subject_margin") == 0.0
+    assert fields.pop("route_generated_tokens") == "prompt_experts"
     path.write_text(json.dumps(fields))
-    assert load(saved / "adapter").route_subject_margin is None
+    config = load(saved / "adapter")
+    assert config.route_subject_margin is None and config.route_generated_tokens == "any"
 
 
 def _loaded_as_second(folder):

@@ -102,6 +102,23 @@ def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
     assert torch.allclose(generated, forced, atol=1e-4)
 
 
+def test_a_generated_token_reaches_only_the_experts_the_prompts_last_token_reached():
+    prompt = token_batch(1, 6, seed=3)
+    routed = {}
+    for rule in ("any", "prompt_experts"):
+        config = LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token", route_generated_tokens=rule)
+        model = get_peft_model(tiny_model(), config)
+        with torch.no_grad():
+            continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        give_expert(model, continuation, scale=3.0, positions=slice(prompt.shape[1], None))  # generated tokens only
+        routed[rule] = _generated_forced_and_base(model, prompt)
+    generated, forced, base = routed["any"]
+    assert torch.allclose(generated, forced, atol=1e-4) and not torch.allclose(generated, base, atol=1e-2)
+    generated, forced, base = routed["prompt_experts"]
+    assert torch.allclose(generated, base, atol=1e-5), "the prompt reached no expert, so no generated token does"
+    assert not torch.allclose(forced, base, atol=1e-2), "one forward pass over the same tokens routes each freely"
+
+
 def test_left_padded_batch_generation_matches_single_prompts():
     model, prompt = _edited_model()
     other = token_batch(1, 4, seed=11)
