@@ -39,7 +39,7 @@ class RouteState:
 
     sums: RunningSums  # running sums of the layer input (causal-mean queries)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
-    prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the prompt's last routes (B, k)
+    prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: prompt-end routes (B, k)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -207,9 +207,7 @@ def last_routes(experts: torch.Tensor, valid: torch.Tensor | None) -> torch.Tens
     return experts[torch.arange(experts.shape[0], device=experts.device), last]
 
 
-def keep_experts(
-    experts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def keep_experts(experts: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Routes (B, T, k) restricted to the experts ``kept`` (B, k) per row (-1: none), mixing weights renormalized
     over the experts left (a row left with none keeps the base FFN's output)."""
     keep = (experts[..., None] == kept[:, None, None, :]).any(dim=-1) & (experts >= 0)
