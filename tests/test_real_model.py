@@ -152,14 +152,18 @@ KNOWEDIT_ZSRE = DATA_DIR / "zsre" / "ZsRE-test-all.json"
 
 def test_other_questions_about_an_edited_subject_keep_their_answers_under_generate(smollm2):
     """KnowEdit's ZsRE locality prompts ask about the edited subject in other relations (those restating the edited
-    question are not scored): the token half of the default routing query keeps them away from the edits' experts,
-    which the running mean alone does not."""
+    question are not scored): the token half of the default routing query keeps their prompts away from the edits'
+    experts, which the running mean alone does not, and keeping generated tokens to the prompt's experts keeps the
+    experts out of their continuations, at no cost to the rephrases."""
     requests = load_edit_requests(KNOWEDIT_ZSRE, limit=30)
     default = _edit_and_evaluate(smollm2, requests)
     mean_only = _edit_and_evaluate(smollm2, requests, route_pooling="causal_mean")
+    any_expert = _edit_and_evaluate(smollm2, requests, route_generated_tokens="any")
     assert default["rewrite_gen_acc"] >= 0.9
     assert default["locality_other_gen_acc"] >= 0.8, default["locality_other_gen_acc"]
     assert mean_only["locality_other_gen_acc"] <= default["locality_other_gen_acc"] - 0.1, (mean_only, default)
+    assert any_expert["locality_other_gen_acc"] < default["locality_other_gen_acc"], (any_expert, default)
+    assert default["rephrase_gen_acc"] >= any_expert["rephrase_gen_acc"] - 0.04, (any_expert, default)  # one of 30
 
 
 # Edits whose new answer the model, fed it, would run on into a longer word ("Titan" -> "Titania", "Dorothy Wall" ->
