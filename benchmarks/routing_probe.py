@@ -5,7 +5,8 @@ routed *at the first answer position* (the last prompt token, where generation d
 rephrased prompts, which should reach their own edit's expert, and prompts that should reach none: on KnowEdit's
 ZsRE test split the same subject asked about another relation, on CounterFact's train split the same relation and
 template asked about another subject (its neighbourhood prompts). Experts hold 10 edits each, in arrival order.
-A second table compares the width of the keys (``route_key_dim``) for the default design.
+A second table compares the width of the keys (``route_key_dim``) for the default design, a third where subject keys
+come from (the edit prompt, as the editor takes them, or the subject read after a neutral lead, or either).
 
     python -m benchmarks.routing_probe            # ZsRE test-all (KnowEdit) and CounterFact train, 300 edits each
 """
@@ -44,6 +45,7 @@ KEY_DIM = 256  # the default route_key_dim: mean_and_token keys hold two halves 
 SUBJECT_GATES = (None, 0.6, 0.65)
 THRESHOLDS = (0.4, 0.5, 0.6)
 KEY_DIMS = (0, 128, 256, 512)  # 0: the full input width per half
+SUBJECT_LEAD = "Tell me about {}"  # a subject read on its own, after a lead (a first token's state is alike for all)
 
 
 def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
@@ -108,9 +110,12 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         subject_at.append(position if position is not None and position >= 1 else None)
     owner = torch.arange(len(requests)) // EXPERT_SIZE
 
-    def routed(design: Design) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lead_rows = _layer_inputs(model, tokenizer, [(SUBJECT_LEAD.format(r.subject or ""), None) for r in requests], layer)
+
+    def routed(design: Design, lead_keys: str = "no") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (prompts, keys) of the rephrases and of the negatives at their decision positions, and the keys'
-        experts."""
+        experts. ``lead_keys``: subject keys from the edit prompt ("no"), from the subject after a lead ("only"),
+        or either ("also")."""
         keys, key_owner, key_edit = [], [], []
         for i, (x, predicts) in enumerate(edit_rows):
             q = design.query(x)[predicts]
@@ -125,12 +130,14 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
             ]
         )
         gated = torch.tensor([p is not None for p in subject_at])[key_edit]
+        leads = torch.stack([whiten(x[-1].float(), *design.stats, normalize=True) for x, _ in lead_rows])
+        key_sets = {"no": [subjects], "only": [leads], "also": [subjects, leads]}[lead_keys]
 
         def scores(x: torch.Tensor) -> torch.Tensor:
             s = design.query(x)[-1] @ keys.T
             if design.gate is not None:
-                open_ = design.presence(x, subjects)[-1][key_edit] >= design.gate
-                s = s.masked_fill(gated & ~open_, float("-inf"))
+                read = torch.stack([design.presence(x, keys_)[-1] for keys_ in key_sets]).amax(dim=0)
+                s = s.masked_fill(gated & ~(read[key_edit] >= design.gate), float("-inf"))
             return s
 
         return (
@@ -173,6 +180,20 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         projection = route_projection(basis, scale, (dim or 2 * width) // 2)
         own, reached = shares(*routed(Design((mean, projection), 0.5, 0.65)), 0.5)
         lines.append(f"| {dim or f'{2 * width} (full)'} | {own:.3f} | {reached:.3f} |")
+    lines += [
+        "",
+        f"Subject keys (the default query, threshold 0.5): from the edit prompt (the editor's), from the subject "
+        f'read after the lead "{SUBJECT_LEAD}", or either:',
+        "",
+        f"| subject keys | subject gate | rephrase -> own expert | {negative_name} -> any expert |",
+        "|---|---:|---:|---:|",
+    ]
+    stats = (mean, route_projection(basis, scale, KEY_DIM // 2))
+    for (name, lead_keys), gate in itertools.product(
+        {"edit prompt": "no", "after the lead": "only", "either": "also"}.items(), SUBJECT_GATES[1:] + (0.7,)
+    ):
+        own, reached = shares(*routed(Design(stats, 0.5, gate), lead_keys), 0.5)
+        lines.append(f"| {name} | {gate} | {own:.3f} | {reached:.3f} |")
     return lines
 
 
