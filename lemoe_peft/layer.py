@@ -479,11 +479,20 @@ class LEMoELayer(BaseTunerLayer):
         experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
         if self.lemoe_settings[adapter_name].generated_tokens == "any":
             return experts, weights
-        prompt = None if prefix is None or x.shape[1] != 1 else prefix.prompt_experts.get(adapter_name)
-        if prompt is None:  # a prompt (a call that does not continue a cache by one token): remember its last routes
-            call["state"].prompt_experts[adapter_name] = last_routes(experts, call["valid"])
+        return self._follow_prompt(adapter_name, experts, weights, call)
+
+    @staticmethod
+    def _follow_prompt(
+        adapter_name: str, experts: torch.Tensor, weights: torch.Tensor, call: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routes of a generated token (a one-token call continuing a cache) kept to the experts of its prompt's last
+        token; any other call is a prompt, routed as it is, whose last routes are kept for the tokens that follow."""
+        prefix, state = call["prefix"], call["state"]
+        prompt = None if prefix is None or experts.shape[1] != 1 else prefix.prompt_experts.get(adapter_name)
+        if prompt is None:
+            state.prompt_experts[adapter_name] = last_routes(experts, call["valid"])
             return experts, weights
-        call["state"].prompt_experts[adapter_name] = prompt
+        state.prompt_experts[adapter_name] = prompt
         return keep_experts(experts, weights, prompt)
 
     # ---------------------------------------------------------------------------------------------------- experts
