@@ -25,6 +25,7 @@ _RECORDED_SIZES = {
     "lemoe_key_subject": lambda c: c.num_anchors,
     "lemoe_subjects": lambda c: c.num_subjects,
     "lemoe_subject_expert": lambda c: c.num_subjects,
+    "lemoe_subject_alias": lambda c: c.num_subjects,
 }
 
 # the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening)
@@ -35,11 +36,14 @@ ROUTING_STATE = (
     "lemoe_key_subject",
     "lemoe_subjects",
     "lemoe_subject_expert",
+    "lemoe_subject_alias",
     "lemoe_route_mean",
     "lemoe_route_projection",
 )
 # tensors only adapters of earlier releases hold
 _EARLIER_FORMAT = ("lemoe_route_basis", "lemoe_route_scale")
+# tensors adapters of earlier releases lack, loaded with their defaults (every subject key its own subject)
+ADDED_LATER = frozenset({"lemoe_subject_alias"})
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 
@@ -69,7 +73,7 @@ def check_adapter_file(folder: str | Path, config: Any) -> None:
     expected = set(SAVED_BUFFERS) | ({"lemoe_A", "lemoe_B"} if config.num_experts > 0 else set())
     problems = [] if fields_by_layer else ["the file holds no LEMoE tensors"]
     for layer, fields in fields_by_layer.items():
-        if fields != expected:
+        if fields != expected and fields | ADDED_LATER != expected:
             missing, extra = sorted(expected - fields), sorted(fields - expected)
             problems.append(f"{layer} " + (f"lacks {missing}" if missing else f"has unexpected {extra}"))
     for name, shape in shapes.items():

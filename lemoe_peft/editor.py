@@ -113,6 +113,14 @@ class EditorSettings:
             "(0: off)."
         },
     )
+    subject_lead: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "A lead with one '{}' (e.g. 'Tell me about {}'): each edit's subject also gets the key it has when "
+            "read after this lead, so prompts that phrase the words before the subject differently read it too "
+            "(none: only the subject as read in the edit prompt)."
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -125,6 +133,10 @@ class EditorSettings:
             (self.negative_continuation >= 0, "negative_continuation must be >= 0"),
             (self.answer_continuation >= 0, "answer_continuation must be >= 0"),
             (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {sorted(TRAIN_DTYPES)}"),
+            (
+                self.subject_lead is None or self.subject_lead.count("{}") == 1,
+                "subject_lead must hold exactly one '{}' (where the subject goes)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -417,8 +429,8 @@ class LEMoEEditor:
             answer_logits(self.model, batch)
         upper = list(self.tuner.lemoe_layers(self.adapter))[1:]
         keys = self._anchor_keys(upper, captured, batch)
-        subjects, key_subject = self._subject_keys(upper, captured, requests, batch)
-        self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, self.adapter, subjects, key_subject)
+        subject_keys = self._subject_keys(upper, captured, requests, batch)
+        self.tuner.replace_anchors(expert, keys, self.settings.anchor_threshold, self.adapter, *subject_keys)
 
     def trainable_tensors(self) -> list[torch.Tensor]:
         """What a batch trains: the newest expert of every LEMoE layer (module insertion freezes the others)."""
@@ -449,10 +461,11 @@ class LEMoEEditor:
 
     def _subject_keys(
         self, layer_names: Iterable[str], captured: dict, requests: Sequence[EditRequest], batch: TeacherForcedBatch
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per layer, the keys of the batch's subjects (the input at a subject's last token, see
-        :meth:`LEMoELayer.subject_queries`), and for each anchor the index of its request's subject (-1: none).
-        A subject at a prompt's first token gets no key: that position's state is alike for every text."""
+        :meth:`LEMoELayer.subject_queries`), for each anchor the index of its request's subject (-1: none), and for
+        each key the subject it reads. A subject at a prompt's first token gets no key: that position's state is
+        alike for every text. With a ``subject_lead`` each subject has a second key: its last token after the lead."""
         positions = []
         for row, request in enumerate(requests):
             span = subject_span(request)
@@ -465,10 +478,24 @@ class LEMoEEditor:
         rows = torch.tensor([row for row, _ in positions], dtype=torch.long)
         columns = torch.tensor([position for _, position in positions], dtype=torch.long)
         layers = self.tuner.lemoe_layers(self.adapter)
-        subjects = {
-            name: layers[name].subject_queries(self.adapter, captured[name][0][rows, columns]) for name in layer_names
-        }
-        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()]
+        inputs = {name: captured[name][0][rows, columns] for name in layer_names}
+        alias = torch.arange(len(positions))
+        if self.settings.subject_lead is not None and positions:
+            leads = [self.settings.subject_lead.format(requests[row].subject) for row, _ in positions]
+            lead_inputs = self._last_token_inputs(leads)
+            inputs = {name: torch.cat([inputs[name], lead_inputs[name]]) for name in layer_names}
+            alias = torch.cat([alias, alias])
+        subjects = {name: layers[name].subject_queries(self.adapter, inputs[name]) for name in layer_names}
+        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], alias
+
+    @torch.no_grad()
+    def _last_token_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per LEMoE layer, its input (n, d_in) at the last token of each text, as the model stands."""
+        rows = token_rows(self.tokenizer, [self.tokenizer(t).input_ids for t in texts]).to(self.device)
+        with self.tuner.capture_layer_inputs() as captured:
+            self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+        last = rows.attention_mask.sum(dim=1) - 1
+        return {name: inputs[torch.arange(len(texts)), last] for name, (inputs, _) in captured.items()}
 
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:
         layer = self.tuner.lemoe_layers(self.adapter)[layer_name]

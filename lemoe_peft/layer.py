@@ -7,7 +7,9 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
 * ``lemoe_keys`` ``(N, k)``, ``lemoe_key_expert`` ``(N,)`` and ``lemoe_key_threshold`` ``(N,)``: anchor keys, the
   expert owning each, and the score each needs;
 * ``lemoe_subjects`` ``(S, k)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
-  experts; ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
+  experts; ``lemoe_subject_alias`` ``(S,)``: the subject each key reads (its own index, or the index of the subject's
+  first key: a subject may have several keys, e.g. as read in the edit prompt and on its own); ``lemoe_key_subject``
+  ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` ``(d_in,)`` and ``lemoe_route_projection`` ``(d_in, k)``: the whitening that maps routing
   queries into the k-dimensional space of the keys (``k = route_key_dim``; ``mean_and_token`` queries whiten their
   two halves apart, ``k / 2`` wide each, and subject keys have one half's width).
@@ -165,6 +167,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_key_subject = BufferDict(persistent=True)
         self.lemoe_subjects = BufferDict(persistent=True)
         self.lemoe_subject_expert = BufferDict(persistent=True)
+        self.lemoe_subject_alias = BufferDict(persistent=True)
         self.lemoe_route_mean = BufferDict(persistent=True)
         self.lemoe_route_projection = BufferDict(persistent=True)
         self.lemoe_settings: dict[str, RouteSettings] = {}
@@ -198,6 +201,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_key_subject[adapter_name] = torch.full((config.num_anchors,), -1, dtype=torch.long)
         self.lemoe_subjects[adapter_name] = torch.zeros(config.num_subjects, d_key)
         self.lemoe_subject_expert[adapter_name] = torch.zeros(config.num_subjects, dtype=torch.long)
+        self.lemoe_subject_alias[adapter_name] = torch.arange(config.num_subjects)  # adapters saved without aliases
         self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
         # before calibration: no whitening (k = d_in) or a fixed random reduction of the raw inputs
         self.lemoe_route_projection[adapter_name] = route_projection(torch.zeros(d_in, 0), torch.ones(1), d_key)
@@ -279,10 +283,11 @@ class LEMoELayer(BaseTunerLayer):
         kept_subjects = self.lemoe_subject_expert[adapter_name] != expert
         if not _is_prefix(kept_subjects):  # subjects are renumbered: map old indices to new ones (-1 stays -1)
             new_index = torch.cat([kept_subjects.long().cumsum(0) - 1, kept_subjects.new_full((1,), -1).long()])
-            self.lemoe_key_subject[adapter_name] = new_index[self.lemoe_key_subject[adapter_name]]
+            for store in (self.lemoe_key_subject, self.lemoe_subject_alias):
+                store[adapter_name] = new_index[store[adapter_name]]
         for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold, self.lemoe_key_subject):
             store[adapter_name] = _kept_rows(store[adapter_name], kept)
-        for store in (self.lemoe_subjects, self.lemoe_subject_expert):
+        for store in (self.lemoe_subjects, self.lemoe_subject_expert, self.lemoe_subject_alias):
             store[adapter_name] = _kept_rows(store[adapter_name], kept_subjects)
         return int((~kept).sum())
 
@@ -294,11 +299,13 @@ class LEMoELayer(BaseTunerLayer):
         threshold: torch.Tensor,
         subjects: torch.Tensor | None = None,
         key_subject: torch.Tensor | None = None,
+        subject_alias: torch.Tensor | None = None,
     ) -> None:
         """Append anchor ``keys`` (n, k), already in query space, owned by ``expert``, each with its threshold.
 
-        ``subjects`` (s, k) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`)
-        and ``key_subject`` (n,) says which of them gates each anchor (-1: none).
+        ``subjects`` (s, k) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`),
+        ``key_subject`` (n,) says which of them gates each anchor (-1: none) and ``subject_alias`` (s,) which subject
+        each key reads (default: its own; a key that reads another subject is a second key of it).
         """
         if not 0 <= expert < self.num_experts(adapter_name):
             raise IndexError(f"Cannot add anchors to expert {expert}: it does not exist.")
@@ -309,13 +316,17 @@ class LEMoELayer(BaseTunerLayer):
         subject_width = self.lemoe_subjects[adapter_name].shape[1]
         subjects = keys.new_zeros(0, subject_width) if subjects is None else subjects
         key_subject = torch.full((n,), -1) if key_subject is None else key_subject
+        subject_alias = torch.arange(len(subjects)) if subject_alias is None else subject_alias
         if (
             subjects.shape[1:] != (subject_width,)
             or key_subject.shape != (n,)
             or (n > 0 and int(key_subject.max()) >= len(subjects))
+            or subject_alias.shape != (len(subjects),)
+            or (len(subjects) > 0 and not 0 <= int(subject_alias.min()) <= int(subject_alias.max()) < len(subjects))
         ):
             raise ValueError(
-                f"Subject keys must have shape (s, {subject_width}), and key_subject one index (or -1) per anchor."
+                f"Subject keys must have shape (s, {subject_width}), key_subject one index (or -1) per anchor and "
+                "subject_alias one index per subject key."
             )
         first_subject = self.lemoe_subjects[adapter_name].shape[0]
         key_subject = key_subject.to(device=device, dtype=torch.long)
@@ -326,6 +337,7 @@ class LEMoELayer(BaseTunerLayer):
             self.lemoe_key_subject: torch.where(key_subject >= 0, key_subject + first_subject, key_subject),
             self.lemoe_subjects: subjects.to(old),
             self.lemoe_subject_expert: torch.full((len(subjects),), expert, dtype=torch.long, device=device),
+            self.lemoe_subject_alias: subject_alias.to(device=device, dtype=torch.long) + first_subject,
         }
         for store, rows in growth.items():
             store[adapter_name] = append_rows(store[adapter_name], rows)
@@ -338,10 +350,11 @@ class LEMoELayer(BaseTunerLayer):
         threshold: torch.Tensor,
         subjects: torch.Tensor | None = None,
         key_subject: torch.Tensor | None = None,
+        subject_alias: torch.Tensor | None = None,
     ) -> None:
         """Swap ``expert``'s anchor and subject keys for new ones (same meaning as in :meth:`add_anchors`)."""
         self._drop_anchors(adapter_name, expert)
-        self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject)
+        self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject, subject_alias)
 
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
         """Set the routing whitening from pooled queries (n, d_in) of generic text (of ``mean_and_token`` queries,
@@ -403,16 +416,19 @@ class LEMoELayer(BaseTunerLayer):
         valid: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans, and the subject
-        scores so far (B, T, S) to continue from; (None, None) when no anchor is gated."""
+        """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans (a subject is read
+        once any of its keys is), and the best score of every key so far (B, T, S) to continue from; (None, None)
+        when no anchor is gated."""
         settings = self.lemoe_settings[adapter_name]
         threshold = settings.subject_threshold
-        subjects = self.lemoe_subjects[adapter_name]
+        subjects, alias = self.lemoe_subjects[adapter_name], self.lemoe_subject_alias[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
             return None, None
         scores = self.subject_queries(adapter_name, x) @ subjects.float().T
         presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin)
-        return presence >= threshold, presence
+        read = presence.new_full(presence.shape, float("-inf"))
+        read = read.scatter_reduce(-1, alias.expand_as(presence), presence, reduce="amax")
+        return read >= threshold, presence
 
     def route(
         self, adapter_name: str, pooled: torch.Tensor, read: torch.Tensor | None = None

@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .adapter_file import ADDED_LATER
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
 from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear, offload_execution_device
 from .routing import RoutingDecisions, RoutingSession
@@ -185,11 +186,13 @@ class LEMoEModel(BaseTuner):
         adapter_name: str | None = None,
         subjects: dict[str, torch.Tensor] | None = None,
         key_subject: torch.Tensor | None = None,
+        subject_alias: torch.Tensor | None = None,
     ) -> None:
         """Give ``expert`` anchor keys: ``keys`` maps each LEMoE layer name to (n, d) vectors in query space (see
         :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys. ``threshold`` is one score
         or one per key. Optionally ``subjects`` maps each layer to (s, d) subject keys (see
-        :meth:`LEMoELayer.subject_queries`) and ``key_subject`` (n,) names the subject gating each key (-1: none)."""
+        :meth:`LEMoELayer.subject_queries`), ``key_subject`` (n,) names the subject gating each key (-1: none) and
+        ``subject_alias`` (s,) the subject each subject key reads (default: its own; several keys can read one)."""
         name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
@@ -199,9 +202,8 @@ class LEMoEModel(BaseTuner):
         config = self.peft_config[name]
         for layer_name, layer in layers.items():
             layer_subjects = None if subjects is None else subjects[layer_name]
-            layer.add_anchors(
-                name, expert, keys[layer_name], self._threshold(config, threshold), layer_subjects, key_subject
-            )
+            threshold_ = self._threshold(config, threshold)
+            layer.add_anchors(name, expert, keys[layer_name], threshold_, layer_subjects, key_subject, subject_alias)
         config.num_anchors += next(iter(keys.values())).shape[0]
         config.num_subjects += 0 if subjects is None else next(iter(subjects.values())).shape[0]
 
@@ -213,6 +215,7 @@ class LEMoEModel(BaseTuner):
         adapter_name: str | None = None,
         subjects: dict[str, torch.Tensor] | None = None,
         key_subject: torch.Tensor | None = None,
+        subject_alias: torch.Tensor | None = None,
     ) -> None:
         """Swap the anchor (and subject) keys of ``expert`` in the layers named in ``keys`` for new ones, as many as
         before."""
@@ -227,7 +230,7 @@ class LEMoEModel(BaseTuner):
             ):
                 raise ValueError(f"Expert {expert} has a different number of anchors or subjects in {layer_name}.")
             threshold_ = self._threshold(self.peft_config[name], threshold)
-            layer.replace_anchors(name, expert, new_keys, threshold_, layer_subjects, key_subject)
+            layer.replace_anchors(name, expert, new_keys, threshold_, layer_subjects, key_subject, subject_alias)
 
     @staticmethod
     def _threshold(config: LEMoEConfig, threshold: float | torch.Tensor | None) -> torch.Tensor:
@@ -327,6 +330,9 @@ class LEMoEModel(BaseTuner):
         }
         actual_keys = {_canonical_key(key): key for key in expected}
         remapped = {actual_keys.get(key, key): tensor for key, tensor in remapped.items()}
+        for key in expected.keys() - remapped.keys():
+            if key.rsplit(".", 2)[-2] in ADDED_LATER:  # a file of an earlier release: keep the default
+                remapped[key] = expected[key]
         missing = sorted(key for key in expected if key not in remapped)
         mismatched = sorted(
             f"{key}: file {tuple(remapped[key].shape)}, config {tuple(tensor.shape)}"

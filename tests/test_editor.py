@@ -210,6 +210,8 @@ def test_bad_settings_and_models_are_refused():
         EditorSettings(batch_size=0)
     with pytest.raises(ValueError, match="train_dtype must be one of"):
         EditorSettings(train_dtype="int8")
+    with pytest.raises(ValueError, match="subject_lead must hold exactly one"):
+        EditorSettings(subject_lead="tell me about it")
     with pytest.raises(ValueError, match="anchor_threshold must lie in"):
         LEMoEEditor(new_model(), tiny_tokenizer(), anchor_threshold=2.0)
     dot = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_similarity="dot"))
@@ -254,6 +256,21 @@ def test_negative_prompts_join_the_batch_and_the_expert_trains_with_them():
     editor = new_editor()
     editor.edit_batch(requests)
     assert evaluate_edits(editor.model, tiny_tokenizer(), requests)["rewrite_acc"] == 1.0
+
+
+def test_a_subject_lead_gives_each_subject_a_second_key_that_reads_as_the_first():
+    requests = [EditRequest("the capital of france is", "rome", subject="france"),
+                EditRequest("who wrote hamlet", "goethe", subject="hamlet")]  # fmt: skip
+    model = new_model()
+    editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS, subject_lead="what is {}")
+    editor.edit_batch(requests)
+    ((name, layer),) = model.base_model.lemoe_layers().items()
+    assert layer.lemoe_subject_alias["default"].tolist() == [0, 1, 0, 1]
+    assert model.peft_config["default"].num_subjects == 4
+    after_lead = editor._last_token_inputs(["what is france", "what is hamlet"])[name]
+    assert torch.allclose(layer.lemoe_subjects["default"][2:], layer.subject_queries("default", after_lead))
+    assert not torch.allclose(layer.lemoe_subjects["default"][:2], layer.lemoe_subjects["default"][2:], atol=1e-3)
+    assert evaluate_edits(model, tiny_tokenizer(), requests, generation=False)["rewrite_acc"] == 1.0
 
 
 def test_answer_continuations_follow_each_answer_and_are_kept_where_the_expert_reaches_them():

@@ -125,6 +125,23 @@ def test_an_adapter_of_an_earlier_format_is_refused_saying_so(saved):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
+def test_an_adapter_saved_before_subjects_had_several_keys_loads_each_key_as_its_own_subject(tmp_path):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    give_expert(model, INPUTS, subject_position=2)
+    give_expert(model, token_batch(seed=5), subject_position=3)
+    with torch.no_grad():
+        expected = model(INPUTS).logits
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if not k.endswith("lemoe_subject_alias")}, weights)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    (layer,) = loaded.base_model.lemoe_layers().values()
+    assert layer.lemoe_subject_alias["default"].tolist() == [0, 1]
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUTS).logits, expected)
+
+
 def test_config_disagreeing_with_the_tensors_is_refused(saved):
     config_path = saved / "adapter" / "adapter_config.json"
     config = json.loads(config_path.read_text())

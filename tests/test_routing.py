@@ -207,6 +207,34 @@ def test_removing_an_expert_keeps_the_other_experts_subject_gates():
     assert (layer.lemoe_key_subject["default"] == -1).all() and (layer.lemoe_key_expert["default"] == 0).all()
 
 
+@pytest.mark.parametrize("alias", [[0, 0], [0, 1]])
+def test_a_subject_is_read_through_any_of_its_keys(alias):
+    """One expert anchored on two texts, every anchor gated by subject 0, whose key is text A's token 3; text B's
+    token 2 is a second key, read as subject 0 ([0, 0]) or as a subject of its own ([0, 1])."""
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token"))
+    give_expert(model, token_batch(1, 5, seed=70), subject_position=2)  # calibrates; expert 0, unreached below
+    tuner = model.base_model
+    ((name, layer),) = tuner.lemoe_layers().items()
+    texts = token_batch(2, 6, seed=71)
+    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
+        model(input_ids=texts)
+    inputs = captured[name][0]
+    expert = tuner.add_expert()
+    keys = layer.route_queries("default", layer.pooled_queries("default", inputs)).flatten(0, 1)
+    subjects = layer.subject_queries("default", torch.stack([inputs[0, 3], inputs[1, 2]]))
+    tuner.add_anchors(
+        expert, {name: keys}, subjects={name: subjects}, key_subject=torch.zeros(12, dtype=torch.long),
+        subject_alias=torch.tensor(alias),
+    )  # fmt: skip
+    experts, _ = layer.route_sequences("default", inputs)
+    assert (experts[0, 3:, 0] == expert).all() and (experts[:, :2, 0] == -1).all()
+    assert ((experts[1, 2:, 0] == expert).all()) == (alias == [0, 0]), "B reads subject 0 through its second key"
+    assert layer.lemoe_subject_alias["default"].tolist() == [0, *(a + 1 for a in alias)]
+    tuner.remove_expert(0)  # the subjects are renumbered; what they read is kept
+    assert layer.lemoe_subject_alias["default"].tolist() == alias
+    assert torch.equal(layer.route_sequences("default", inputs)[0], experts - 1 + (experts < 0).long())
+
+
 def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(monkeypatch):
     model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
     for seed in range(6):  # six gated experts, one ungated: most anchors' subjects are not in the text below
