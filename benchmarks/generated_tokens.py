@@ -23,12 +23,11 @@ from lemoe_peft import (
     locality_generation_reference,
     locality_reference,
 )
+from lemoe_peft.config import ROUTE_GENERATED_TOKENS
 from lemoe_peft.edit_log import write_json_atomic
 
 from .lifelong import SETTINGS
 from .methods import held_out_lemoe
-
-RULES = ("prompt_experts", "any")
 
 
 def compare(dataset: str, T: int, settings: dict, cache: Path) -> dict:
@@ -42,7 +41,7 @@ def compare(dataset: str, T: int, settings: dict, cache: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         method.model.save_pretrained(folder)
         base = method.model.unload()
-        for rule in RULES:
+        for rule in ROUTE_GENERATED_TOKENS:
             config = LEMoEConfig.from_pretrained(folder)
             config.route_generated_tokens = rule
             model = PeftModel.from_pretrained(base, folder, config=config)
@@ -68,7 +67,7 @@ def main() -> None:
         settings = {**SETTINGS, **json.loads(args.settings), "seed": seed}
         result = compare(args.dataset, args.T, settings, args.cache)
         write_json_atomic(args.out / f"{args.dataset}-T{args.T}-{args.name}-seed{seed}.json", result)
-        for rule in RULES:
+        for rule in ROUTE_GENERATED_TOKENS:
             shown = {k: round(v, 3) for k, v in result[rule].items() if k.endswith("gen_acc")}
             print(f"{args.dataset} T={args.T} {args.name} seed {seed} {rule}: {shown}", flush=True)
 

@@ -1,7 +1,13 @@
-"""Inference latency of a LEMoE model relative to its base model, measured in the same process, interleaved."""
+"""Inference latency of a LEMoE model relative to its base model, measured in the same process, interleaved: one
+forward pass (:func:`measure`, run by ``benchmarks.lifelong``), or ``generate()`` with a KV cache as users run it,
+under each ``route_generated_tokens`` rule (:func:`measure_generation`):
+
+    python -m benchmarks.latency --adapter bench-results/lifelong/zsre/adapters/lemoe-T1000
+"""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 from pathlib import Path
@@ -11,9 +17,11 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from lemoe_peft import LEMoEConfig
+from lemoe_peft.config import ROUTE_GENERATED_TOKENS
+from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.editor import calibration_texts
 
-from .data import load_base
+from .data import load_base, requests_for
 
 
 def _timed(model, input_ids) -> float:
@@ -57,3 +65,66 @@ def measure(cache: Path, adapters: dict[int, Path | None], prompt: str, tokens: 
             )
         del model
     return rows
+
+
+def _generation_seconds(model, tokenizer, prompts: list[str], new_tokens: int) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        for prompt in prompts:
+            model.generate(
+                **tokenizer(prompt, return_tensors="pt"),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+    return time.perf_counter() - started
+
+
+def measure_generation(cache: Path, adapter: Path, prompts: list[str], new_tokens: int = 16, rounds: int = 5) -> list:
+    """Median time per generated token of greedy ``generate()`` over ``prompts`` (``new_tokens`` each): the base
+    model and the adapter loaded under each ``route_generated_tokens`` rule, interleaved round by round."""
+    base, tokenizer = load_base(cache)
+    models = {"base": base}
+    for rule in ROUTE_GENERATED_TOKENS:
+        config = LEMoEConfig.from_pretrained(adapter)
+        config.route_generated_tokens = rule
+        models[rule] = PeftModel.from_pretrained(copy.deepcopy(base), adapter, config=config).eval()
+    for model in models.values():  # warm-up
+        _generation_seconds(model, tokenizer, prompts[:2], new_tokens)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(_generation_seconds(model, tokenizer, prompts, new_tokens) / (len(prompts) * new_tokens))
+    base_time = median(times["base"])
+    config = models[ROUTE_GENERATED_TOKENS[0]].peft_config["default"]
+    return [
+        {
+            "model": name if name == "base" else f"LEMoE, route_generated_tokens={name}",
+            "experts": 0 if name == "base" else config.num_experts,
+            "ms_per_token": 1000 * median(runs),
+            "ratio": median(runs) / base_time,
+        }
+        for name, runs in times.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, required=True, help="a saved LEMoE adapter of SmolLM2")
+    parser.add_argument("--prompts", type=int, default=20, help="MEND ZsRE edit prompts generated from")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--out", type=Path, default=Path("bench-results") / "generation_latency.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    prompts = [r.prompt for r in requests_for("zsre", args.prompts)]
+    rows = measure_generation(args.cache, args.adapter, prompts, args.new_tokens, args.rounds)
+    write_json_atomic(args.out, {"adapter": str(args.adapter), "prompts": len(prompts), "rows": rows})
+    for row in rows:
+        print(f"{row['model']}: {row['ms_per_token']:.1f} ms/token, {row['ratio']:.3f}x base", flush=True)
+
+
+if __name__ == "__main__":
+    main()
