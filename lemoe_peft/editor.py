@@ -114,11 +114,11 @@ class EditorSettings:
         },
     )
     subject_lead: str | None = dataclasses.field(
-        default=None,
+        default="Tell me about {}",
         metadata={
-            "help": "A lead with one '{}' (e.g. 'Tell me about {}'): each edit's subject also gets the key it has when "
-            "read after this lead, so prompts that phrase the words before the subject differently read it too "
-            "(none: only the subject as read in the edit prompt)."
+            "help": "A lead with one '{}': each edit's subject also gets the key it has when read after this lead, so "
+            "prompts that word the text before the subject differently read it too (none: only the subject as the "
+            "edit prompt reads it)."
         },
     )
 

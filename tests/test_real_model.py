@@ -125,11 +125,11 @@ def test_rephrases_reach_their_edits_under_generate(stream, unedited_rephrase_ge
 COUNTERFACT = DATA_DIR / "counterfact" / "counterfact-train.json"
 
 
-def _edit_and_evaluate(smollm2, requests, **config) -> dict:
+def _edit_and_evaluate(smollm2, requests, editor: dict | None = None, **config) -> dict:
     base, tokenizer = smollm2
     model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **config))
     try:
-        LEMoEEditor(model, tokenizer, batch_size=10).edit(requests, progress=False)
+        LEMoEEditor(model, tokenizer, batch_size=10, **(editor or {})).edit(requests, progress=False)
         return evaluate_edits(model, tokenizer, requests)
     finally:
         model.unload()
@@ -154,11 +154,15 @@ def test_other_questions_about_an_edited_subject_keep_their_answers_under_genera
     """KnowEdit's ZsRE locality prompts ask about the edited subject in other relations (those restating the edited
     question are not scored): the token half of the default routing query keeps their prompts away from the edits'
     experts, which the running mean alone does not, and keeping generated tokens to the prompt's experts keeps the
-    experts out of their continuations, at no cost to the rephrases."""
+    experts out of their continuations, at no cost to the rephrases. A second key per subject (read after a lead)
+    carries more rephrases to their edits, at no cost to those prompts."""
     requests = load_edit_requests(KNOWEDIT_ZSRE, limit=30)
     default = _edit_and_evaluate(smollm2, requests)
     mean_only = _edit_and_evaluate(smollm2, requests, route_pooling="causal_mean")
     any_expert = _edit_and_evaluate(smollm2, requests, route_generated_tokens="any")
+    one_key = _edit_and_evaluate(smollm2, requests, editor={"subject_lead": None})
+    assert default["rephrase_gen_acc"] > one_key["rephrase_gen_acc"], (one_key, default)
+    assert default["locality_other_gen_acc"] >= one_key["locality_other_gen_acc"] - 0.04, (one_key, default)
     assert default["rewrite_gen_acc"] >= 0.9
     assert default["locality_other_gen_acc"] >= 0.8, default["locality_other_gen_acc"]
     assert mean_only["locality_other_gen_acc"] <= default["locality_other_gen_acc"] - 0.1, (mean_only, default)
