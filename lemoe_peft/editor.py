@@ -117,8 +117,8 @@ class EditorSettings:
         default="Tell me about {}",
         metadata={
             "help": "A lead with one '{}': each edit's subject also gets the key it has when read after this lead, so "
-            "prompts that word the text before the subject differently read it too (none: only the subject as the "
-            "edit prompt reads it)."
+            "prompts that word the text before the subject differently read it too ('' or None: only the subject as "
+            "the edit prompt reads it)."
         },
     )
 
@@ -134,7 +134,7 @@ class EditorSettings:
             (self.answer_continuation >= 0, "answer_continuation must be >= 0"),
             (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {sorted(TRAIN_DTYPES)}"),
             (
-                self.subject_lead is None or self.subject_lead.count("{}") == 1,
+                not self.subject_lead or self.subject_lead.count("{}") == 1,
                 "subject_lead must hold exactly one '{}' (where the subject goes)",
             ),
         ]
@@ -480,7 +480,7 @@ class LEMoEEditor:
         layers = self.tuner.lemoe_layers(self.adapter)
         inputs = {name: captured[name][0][rows, columns] for name in layer_names}
         alias = torch.arange(len(positions))
-        if self.settings.subject_lead is not None and positions:
+        if self.settings.subject_lead and positions:
             leads = [self.settings.subject_lead.format(requests[row].subject) for row, _ in positions]
             lead_inputs = self._last_token_inputs(leads)
             inputs = {name: torch.cat([inputs[name], lead_inputs[name]]) for name in layer_names}

@@ -8,7 +8,7 @@ from filelock import FileLock
 
 import lemoe_peft
 from lemoe_peft import LEMoEConfig
-from lemoe_peft.cli import main
+from lemoe_peft.cli import _editor_settings, build_parser, main
 
 from .helpers import tiny_model, tiny_tokenizer
 
@@ -127,6 +127,13 @@ def test_edit_help_comes_from_the_editor_settings(capsys):
         main(["edit", "--help"])
     assert exit_.value.code == 0
     assert "--preserve-weight" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_the_subject_lead_can_be_changed_or_turned_off_from_the_command_line():
+    edit = ["edit", "--model", "m", "--data", "d.json", "--out", "o"]
+    assert _editor_settings(build_parser().parse_args(edit)).subject_lead == "Tell me about {}"
+    for lead in ("What is {}?", ""):
+        assert _editor_settings(build_parser().parse_args([*edit, "--subject-lead", lead])).subject_lead == lead
 
 
 @pytest.mark.parametrize(
