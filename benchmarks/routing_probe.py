@@ -6,7 +6,8 @@ rephrased prompts, which should reach their own edit's expert, and prompts that 
 ZsRE test split the same subject asked about another relation, on CounterFact's train split the same relation and
 template asked about another subject (its neighbourhood prompts). Experts hold 10 edits each, in arrival order.
 A second table compares the width of the keys (``route_key_dim``) for the default design, a third where subject keys
-come from (the edit prompt, as the editor takes them, or the subject read after a neutral lead, or either).
+come from (the edit prompt, or the subject read after the editor's ``subject_lead``, or either, as the editor takes
+them).
 
     python -m benchmarks.routing_probe            # ZsRE test-all (KnowEdit) and CounterFact train, 300 edits each
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lemoe_peft.editor import calibration_texts
+from lemoe_peft.editor import EditorSettings, calibration_texts
 from lemoe_peft.negatives import subject_span
 from lemoe_peft.routing import (
     causal_mean,
@@ -45,7 +46,7 @@ KEY_DIM = 256  # the default route_key_dim: mean_and_token keys hold two halves 
 SUBJECT_GATES = (None, 0.6, 0.65)
 THRESHOLDS = (0.4, 0.5, 0.6)
 KEY_DIMS = (0, 128, 256, 512)  # 0: the full input width per half
-SUBJECT_LEAD = "Tell me about {}"  # a subject read on its own, after a lead (a first token's state is alike for all)
+SUBJECT_LEAD = EditorSettings().subject_lead  # a subject read on its own (a first token's state is alike for all)
 
 
 def _layer_inputs(model, tokenizer, pairs, layer: int, batch_size: int = 32):
@@ -112,7 +113,7 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
 
     lead_rows = _layer_inputs(model, tokenizer, [(SUBJECT_LEAD.format(r.subject or ""), None) for r in requests], layer)
 
-    def routed(design: Design, lead_keys: str = "no") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def routed(design: Design, lead_keys: str = "also") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (prompts, keys) of the rephrases and of the negatives at their decision positions, and the keys'
         experts. ``lead_keys``: subject keys from the edit prompt ("no"), from the subject after a lead ("only"),
         or either ("also")."""
@@ -182,8 +183,8 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         lines.append(f"| {dim or f'{2 * width} (full)'} | {own:.3f} | {reached:.3f} |")
     lines += [
         "",
-        f"Subject keys (the default query, threshold 0.5): from the edit prompt (the editor's), from the subject "
-        f'read after the lead "{SUBJECT_LEAD}", or either:',
+        f"Subject keys (the default query, threshold 0.5): from the edit prompt, from the subject read after the "
+        f'lead "{SUBJECT_LEAD}", or either (the editor\'s):',
         "",
         f"| subject keys | subject gate | rephrase -> own expert | {negative_name} -> any expert |",
         "|---|---:|---:|---:|",
