@@ -146,9 +146,10 @@ def main() -> None:
     result["model"]["tokenizer_size"] = len(tokenizer)
     state: dict = {}
     box: dict = {}
+    subjects = ("paris", "rome", "berlin", "hamlet", "nile", "guernica", "madrid", "oslo")  # gated where not first
     requests = [
-        EditRequest(p, t, rephrase_prompts=(r,), locality=(Probe("what colour is the sky", "blue"),))
-        for p, t, r in FACTS
+        EditRequest(p, t, subject=s, rephrase_prompts=(r,), locality=(Probe("what colour is the sky", "blue"),))
+        for (p, t, r), s in zip(FACTS, subjects, strict=True)
     ]
     assert all(w in WORDS for p, t, r in FACTS for w in f"{p} {t} {r}".split())
 
@@ -190,6 +191,7 @@ def main() -> None:
             "steps_per_batch": [b.get("steps") for b in config_.edit_log],
             "num_experts": config_.num_experts,
             "num_anchors": config_.num_anchors,
+            "num_subjects": config_.num_subjects,  # subject keys: two per gated edit (the prompt's, after the lead)
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             "lemoe_dtypes": sorted({str(v.dtype) for v in lemoe_tensors(model).values()}),
             "lemoe_devices": sorted({str(v.device) for v in lemoe_tensors(model).values()}),
