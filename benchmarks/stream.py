@@ -33,7 +33,14 @@ from .run import METRICS as TEACHER_FORCED_METRICS
 
 CHUNK = 1000
 GENERATION_SAMPLE = 1000
-ROUTING = ("route_pooling", "route_token_weight", "route_key_dim", "route_subject_threshold", "route_subject_margin")
+ROUTING = (
+    "route_pooling",
+    "route_token_weight",
+    "route_key_dim",
+    "route_subject_threshold",
+    "route_subject_margin",
+    "route_generated_tokens",
+)
 METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS, *OTHER_LOCALITY)
 
 
