@@ -382,7 +382,7 @@ class LEMoEEditor:
         rows = [self.tokenizer(p).input_ids for p in prompts]
         candidates = token_rows(self.tokenizer, rows).to(self.device)
         with self.tuner.capture_layer_inputs() as captured:
-            self.model(input_ids=candidates.input_ids, attention_mask=candidates.attention_mask, use_cache=False)
+            self._forward_inputs(candidates.input_ids, candidates.attention_mask)
         reached = self._routed_to(expert, candidates, captured).sum(dim=1)
         order = sorted((i for i in range(len(rows)) if reached[i] > 0), key=lambda i: -int(reached[i]))
         rows = [rows[i] for i in sorted(order[: len(requests)])]
@@ -488,12 +488,17 @@ class LEMoEEditor:
         subjects = {name: layers[name].subject_queries(self.adapter, inputs[name]) for name in layer_names}
         return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], alias
 
+    def _forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """A forward pass run for the LEMoE layers' inputs (captured by the caller), not for its logits: the output
+        projection, a fifth of a small model's work, runs for one position only."""
+        self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+
     @torch.no_grad()
     def _last_token_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Per LEMoE layer, its input (n, d_in) at the last token of each text, as the model stands."""
         rows = token_rows(self.tokenizer, [self.tokenizer(t).input_ids for t in texts]).to(self.device)
         with self.tuner.capture_layer_inputs() as captured:
-            self.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask, use_cache=False)
+            self._forward_inputs(rows.input_ids, rows.attention_mask)
         last = rows.attention_mask.sum(dim=1) - 1
         return {name: inputs[torch.arange(len(texts)), last] for name, (inputs, _) in captured.items()}
 
@@ -512,7 +517,7 @@ class LEMoEEditor:
             tokens = self.tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
             tokens = tokens.to(self.device)
             with self.tuner.capture_layer_inputs() as captured, self.model.disable_adapter():
-                self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, use_cache=False)
+                self._forward_inputs(tokens.input_ids, tokens.attention_mask)
             chunks.append((captured, tokens.attention_mask.bool()))
         return chunks
 

@@ -1,14 +1,14 @@
-"""Every supported architecture, with default targets: exact base outputs without experts, routed experts, and a
-bit-exact save/load round trip under another adapter name."""
+"""Every supported architecture, with default targets: exact base outputs without experts, routed experts, a
+bit-exact save/load round trip under another adapter name, and the editor's passes."""
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from lemoe_peft import LEMoEConfig, LEMoELinear
+from lemoe_peft import EditRequest, LEMoEConfig, LEMoEEditor, LEMoELinear
 from lemoe_peft.config import DEFAULT_TARGET_MODULES
 
-from .helpers import TINY_CONFIGS, give_expert, tiny_model, token_batch
+from .helpers import CALIBRATION, TINY_CONFIGS, give_expert, tiny_model, tiny_tokenizer, token_batch
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
@@ -36,3 +36,11 @@ def test_default_targets_round_trip(model_type, tmp_path):
     assert reloaded.peft_config["other"].num_experts == 2
     with torch.no_grad():
         assert torch.equal(reloaded(inputs).logits, edited)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_the_editor_edits_every_architecture(model_type):
+    model = get_peft_model(tiny_model(model_type), LEMoEConfig(task_type="CAUSAL_LM"))
+    editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, max_steps=2)
+    record = editor.edit_batch([EditRequest("the capital of france is", "rome", subject="france")])
+    assert record["steps"] >= 1 and model.peft_config["default"].num_subjects == 2  # in the prompt, after the lead
