@@ -2,7 +2,7 @@
 forward pass (:func:`measure`, run by ``benchmarks.lifelong``), or ``generate()`` with a KV cache as users run it,
 under each ``route_generated_tokens`` rule (:func:`measure_generation`):
 
-    python -m benchmarks.latency --adapter bench-results/lifelong/zsre/adapters/lemoe-T1000
+    python -m benchmarks.latency --adapter bench-results/full/zsre/adapters/lemoe-T1000
 """
 
 from __future__ import annotations
