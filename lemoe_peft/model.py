@@ -78,6 +78,10 @@ class LEMoEModel(BaseTuner):
             self.peft_config[adapter_name] = copy.deepcopy(config)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # through __call__, so the routing hooks on the model run (peft < 0.21 calls model.forward, which skips them)
+        return self.model(*args, **kwargs)
+
     def _pre_injection_hook(self, model: nn.Module, config: LEMoEConfig, adapter_name: str) -> None:
         if hasattr(self, "routing"):
             return

@@ -4,11 +4,12 @@ identical whether a sequence is scored in one forward pass or generated token by
 The routing query of token t is the running mean of the adaptor layer's input over tokens 1..t ("causal_mean", an
 instance-level embedding of everything read so far) or the input at t alone ("token"). An anchor made from an edit
 whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
-some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which relation and
-wording are asked about; the gate tells about whom, so a prompt with the same template but another subject does not
-reach the expert. Both depend only on the prefix, so teacher-forced training, teacher-forced evaluation and cached
-generation route the same prefix the same way. During cached generation each call only sees the new tokens, so the
-running state of earlier calls is kept per KV-cache object (:class:`RoutingSession`) and resumed on the next call.
+some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which
+relation and wording are asked about; the gate tells about whom, so a prompt with the same template but another
+subject does not reach the expert. Both depend only on the prefix, so teacher-forced training, teacher-forced
+evaluation and cached generation route the same prefix the same way. During cached generation each call only sees
+the new tokens, so the running state of earlier calls is kept per KV-cache object (:class:`RoutingSession`) and
+resumed on the next call.
 
 One rule applies to generation alone (``route_generated_tokens="prompt_experts"``): a token the model generates (a
 one-token call that continues a cache) routes only to the experts the prompt's last token routed to
