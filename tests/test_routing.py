@@ -132,6 +132,23 @@ def test_left_padded_batch_generation_matches_single_prompts():
     assert torch.equal(single, batched)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "opt"])  # OPT flattens the batch's tokens before its FFN
+def test_a_left_padded_forward_pass_routes_each_row_as_alone(model_type):
+    model = get_peft_model(tiny_model(model_type), LEMoEConfig(task_type="CAUSAL_LM"))
+    prompt = token_batch(1, 6, seed=3)
+    give_expert(model, prompt, scale=3.0)
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt[:, 2:]], dim=1), prompt])
+    mask = torch.ones_like(batch)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        alone = model(input_ids=prompt[:, 2:]).logits[0]
+        padded = model(input_ids=batch, attention_mask=mask).logits
+        with model.disable_adapter():
+            base = model(input_ids=prompt).logits[0]
+    assert torch.allclose(padded[0, 2:], alone, atol=1e-4)
+    assert not torch.allclose(padded[1], base, atol=1e-2), "the expert is active on its anchored sequence"
+
+
 def test_subject_presence_is_a_running_max_that_skips_the_first_token_and_padding():
     scores = torch.tensor([[[0.75], [0.25], [0.5], [0.125]]])  # (B=1, T=4, S=1)
     valid = torch.tensor([[True, True, True, False]])
