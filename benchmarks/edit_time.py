@@ -22,6 +22,21 @@ from .data import load_base, requests_for
 from .lifelong import SETTINGS
 
 
+def interleaved_edits(
+    editors: dict[str, LEMoEEditor], batches: list[list]
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Edit every batch with each editor, alternating which goes first (so drift in machine load hits all arms);
+    return each editor's total seconds and its steps per batch."""
+    seconds = dict.fromkeys(editors, 0.0)
+    steps: dict[str, list[int]] = {name: [] for name in editors}
+    for number, batch in enumerate(batches):
+        for name in list(editors)[:: 1 if number % 2 == 0 else -1]:
+            started = time.perf_counter()
+            steps[name].append(editors[name].edit_batch(batch)["steps"])
+            seconds[name] += time.perf_counter() - started
+    return seconds, steps
+
+
 def compare(dataset: str, T: int, arms: dict[str, dict], cache: Path) -> dict:
     """Seconds per edit and steps per batch of each arm ({name: editor settings}) on the first ``T`` held-out edits."""
     torch.set_num_threads(1)
@@ -31,13 +46,7 @@ def compare(dataset: str, T: int, arms: dict[str, dict], cache: Path) -> dict:
         editors[name] = LEMoEEditor(get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM")), tokenizer, **settings)
         editors[name].ensure_calibrated()
     requests = requests_for(dataset, T, tuning=True)
-    seconds = dict.fromkeys(arms, 0.0)
-    steps: dict[str, list[int]] = {name: [] for name in arms}
-    for number, batch in enumerate(next(iter(editors.values())).plan(requests)):
-        for name in list(arms)[:: 1 if number % 2 == 0 else -1]:
-            started = time.perf_counter()
-            steps[name].append(editors[name].edit_batch(batch)["steps"])
-            seconds[name] += time.perf_counter() - started
+    seconds, steps = interleaved_edits(editors, next(iter(editors.values())).plan(requests))
     per_edit = {name: s / len(requests) for name, s in seconds.items()}
     first, second = arms
     return {

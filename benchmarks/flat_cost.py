@@ -9,7 +9,6 @@ process (so both arms see the same machine load), on a model with an empty adapt
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency
 from .data import load_base, requests_for
+from .edit_time import interleaved_edits
 from .lifelong import SETTINGS
 from .stream import ROUTING
 
@@ -48,18 +48,9 @@ def main() -> None:
     empty = _editor(None, {name: getattr(saved, name) for name in ROUTING})
     requests = requests_for("counterfact", args.edits)  # facts new to both models (the stream edited CounterFact train)
     empty.ensure_calibrated()
-    batches = empty.plan(requests)
     arms = {"empty": empty, "grown": grown}
     edits_before = {name: sum(len(b["requests"]) for b in arms[name].config.edit_log) for name in arms}
-    seconds = {name: 0.0 for name in arms}
-    steps = {name: [] for name in arms}
-    for number, batch in enumerate(batches):
-        order = ("empty", "grown") if number % 2 == 0 else ("grown", "empty")  # alternate, so drift hits both
-        for name in order:
-            started = time.perf_counter()
-            record = arms[name].edit_batch(batch)
-            seconds[name] += time.perf_counter() - started
-            steps[name].append(record["steps"])
+    seconds, steps = interleaved_edits(arms, empty.plan(requests))
     per_edit = {name: seconds[name] / len(requests) for name in arms}
     timing = latency.measure(CACHE, {saved.num_experts: args.adapter}, requests[0].prompt)
     result = {

@@ -204,9 +204,9 @@ class LEMoEModel(BaseTuner):
         if subjects is not None and (set(subjects) != set(layers) or len({s.shape[0] for s in subjects.values()}) != 1):
             raise ValueError(f"Give the same number of subject keys for exactly these layers: {sorted(layers)}.")
         config = self.peft_config[name]
+        threshold_ = self._threshold(config, threshold)
         for layer_name, layer in layers.items():
             layer_subjects = None if subjects is None else subjects[layer_name]
-            threshold_ = self._threshold(config, threshold)
             layer.add_anchors(name, expert, keys[layer_name], threshold_, layer_subjects, key_subject, subject_alias)
         config.num_anchors += next(iter(keys.values())).shape[0]
         config.num_subjects += 0 if subjects is None else next(iter(subjects.values())).shape[0]
