@@ -113,7 +113,22 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
 
     lead_rows = _layer_inputs(model, tokenizer, [(SUBJECT_LEAD.format(r.subject or ""), None) for r in requests], layer)
 
-    def routed(design: Design, lead_keys: str = "also") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def token_string(text: str) -> str:
+        return "," + ",".join(map(str, tokenizer(text, add_special_tokens=False).input_ids)) + ","
+
+    subject_tokens = [{token_string(v + r.subject)[:-1] for v in ("", " ")} for r in requests]
+
+    def named(prompts: list[str]) -> torch.Tensor:
+        """(prompts, edits): the edit's subject tokens occur in the prompt (read with or without a leading space)."""
+        strings = [token_string(p) for p in prompts]
+        return torch.tensor([[any(v + "," in s for v in variants) for variants in subject_tokens] for s in strings])
+
+    rephrase_named = named([r.rephrase_prompts[0] for r in requests])
+    negative_named = named([p for _, p in negatives])
+
+    def routed(
+        design: Design, lead_keys: str = "also", by_name: str = "off"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scores (prompts, keys) of the rephrases and of the negatives at their decision positions, and the keys'
         experts. ``lead_keys``: subject keys from the edit prompt ("no"), from the subject after a lead ("only"),
         or either ("also")."""
@@ -134,16 +149,23 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
         leads = torch.stack([whiten(x[-1].float(), *design.stats, normalize=True) for x, _ in lead_rows])
         key_sets = {"no": [subjects], "only": [leads], "also": [subjects, leads]}[lead_keys]
 
-        def scores(x: torch.Tensor) -> torch.Tensor:
+        def scores(x: torch.Tensor, name_read: torch.Tensor) -> torch.Tensor:
             s = design.query(x)[-1] @ keys.T
+            open_ = torch.ones(len(keys), dtype=torch.bool)
             if design.gate is not None:
                 read = torch.stack([design.presence(x, keys_)[-1] for keys_ in key_sets]).amax(dim=0)
-                s = s.masked_fill(gated & ~(read[key_edit] >= design.gate), float("-inf"))
-            return s
+                open_ = ~gated | (read[key_edit] >= design.gate)
+            if by_name == "only":
+                open_ = name_read[key_edit]
+            elif by_name == "and":
+                open_ = open_ & name_read[key_edit]
+            elif by_name == "or":
+                open_ = open_ | name_read[key_edit]
+            return s.masked_fill(~open_, float("-inf"))
 
         return (
-            torch.stack([scores(x) for x, _ in rephrase_rows]),
-            torch.stack([scores(x) for x, _ in negative_rows]),
+            torch.stack([scores(x, n) for (x, _), n in zip(rephrase_rows, rephrase_named, strict=True)]),
+            torch.stack([scores(x, n) for (x, _), n in zip(negative_rows, negative_named, strict=True)]),
             key_owner,
         )
 
@@ -195,6 +217,31 @@ def probe(dataset: str, edits: int, layer: int, cache: Path) -> list[str]:
     ):
         own, reached = shares(*routed(Design(stats, 0.5, gate), lead_keys), 0.5)
         lines.append(f"| {name} | {gate} | {own:.3f} | {reached:.3f} |")
+    own_edit = torch.tensor([i for i, _ in negatives])
+    negatives_naming_own = float(negative_named[torch.arange(len(negatives)), own_edit].float().mean())
+    lines += [
+        "",
+        "Subject gate by name (the default query): an edit's anchors serve a prompt whose tokens contain the edit's "
+        "subject (tokenized with and without a leading space), alone or combined with the editor's gate (either "
+        "subject key, 0.65). Share of rephrases and negatives that name their edit's subject: "
+        f"{rephrase_named.diagonal().float().mean():.3f}, {negatives_naming_own:.3f}.",
+        "",
+        f"| gate | threshold | rephrase -> own expert | {negative_name} -> any expert |",
+        "|---|---:|---:|---:|",
+    ]
+    mean_stats = (mean, route_projection(basis, scale, KEY_DIM))
+    for name, design, by_name in [
+        ("keys (the editor's)", Design(stats, 0.5, 0.65), "off"),
+        ("name only", Design(stats, 0.5, None), "only"),
+        ("keys and name", Design(stats, 0.5, 0.65), "and"),
+        ("keys or name", Design(stats, 0.5, 0.65), "or"),
+        ("name only, causal mean query", Design(mean_stats, 0.0, None), "only"),
+        ("name only, mean + last token (3:1)", Design(stats, 0.25, None), "only"),
+    ]:
+        scored = routed(design, "also", by_name)
+        for threshold in (0.3,) + THRESHOLDS:
+            own, reached = shares(*scored, threshold)
+            lines.append(f"| {name} | {threshold} | {own:.3f} | {reached:.3f} |")
     return lines
 
 

@@ -26,6 +26,7 @@ _RECORDED_SIZES = {
     "lemoe_subjects": lambda c: c.num_subjects,
     "lemoe_subject_expert": lambda c: c.num_subjects,
     "lemoe_subject_alias": lambda c: c.num_subjects,
+    "lemoe_subject_names": lambda c: c.num_subjects,
 }
 
 # the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening)
@@ -37,13 +38,14 @@ ROUTING_STATE = (
     "lemoe_subjects",
     "lemoe_subject_expert",
     "lemoe_subject_alias",
+    "lemoe_subject_names",
     "lemoe_route_mean",
     "lemoe_route_projection",
 )
 # tensors only adapters of earlier releases hold
 _EARLIER_FORMAT = ("lemoe_route_basis", "lemoe_route_scale")
-# tensors adapters of earlier releases lack, loaded with their defaults (every subject key its own subject)
-ADDED_LATER = frozenset({"lemoe_subject_alias"})
+# tensors adapters of earlier releases lack, loaded with their defaults (every subject key its own subject, no names)
+ADDED_LATER = frozenset({"lemoe_subject_alias", "lemoe_subject_names"})
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 

@@ -36,6 +36,7 @@ _NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 ROUTE_POOLINGS = ("causal_mean", "token", "mean_and_token")
 ROUTE_SIMILARITIES = ("cosine", "dot")
 ROUTE_GENERATED_TOKENS = ("prompt_experts", "any")
+ROUTE_SUBJECT_NAMES = ("off", "also", "only")
 EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
 
@@ -130,6 +131,17 @@ class LEMoEConfig(PeftConfig):
             "existed load with None and route as they did)."
         },
     )
+    route_subject_names: Literal["off", "also", "only"] = field(
+        default="only",
+        metadata={
+            "help": "Whether a token also reads an edited subject by its name: the subject's tokens, as the edits "
+            "wrote it, ending at that token ('also': by name or by key; 'only': by name alone; 'off': by key alone, "
+            "as adapters saved before this setting existed load). Calls that pass embeddings, not ids, read keys."
+        },
+    )
+    route_subject_name_tokens: int = field(
+        default=8, metadata={"help": "Tokens kept of each subject's name (its last ones, if longer)."}
+    )
     route_generated_tokens: Literal["prompt_experts", "any"] = field(
         default="prompt_experts",
         metadata={
@@ -185,9 +197,11 @@ class LEMoEConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """PEFT calls this with a saved config's fields before building it: one saved before
-        ``route_subject_margin`` or ``route_generated_tokens`` existed keeps the routing it was trained with."""
+        ``route_subject_margin``, ``route_generated_tokens`` or ``route_subject_names`` existed keeps the routing it
+        was trained with."""
         kwargs.setdefault("route_subject_margin", None)
         kwargs.setdefault("route_generated_tokens", "any")
+        kwargs.setdefault("route_subject_names", "off")
         return super().check_kwargs(**kwargs)
 
     def _validate(self) -> None:
@@ -210,6 +224,14 @@ class LEMoEConfig(PeftConfig):
             (
                 self.route_generated_tokens in ROUTE_GENERATED_TOKENS,
                 f"route_generated_tokens must be one of {ROUTE_GENERATED_TOKENS}",
+            ),
+            (
+                self.route_subject_names in ROUTE_SUBJECT_NAMES,
+                f"route_subject_names must be one of {ROUTE_SUBJECT_NAMES}",
+            ),
+            (
+                isinstance(self.route_subject_name_tokens, int) and self.route_subject_name_tokens >= 1,
+                "route_subject_name_tokens must be an integer >= 1",
             ),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),

@@ -36,6 +36,7 @@ from .teacher_forcing import (
     TeacherForcedBatch,
     answer_logits,
     encode,
+    span_tokens,
     token_position,
     token_rows,
     with_rows,
@@ -118,7 +119,7 @@ class EditorSettings:
         metadata={
             "help": "A lead with one '{}': each edit's subject also gets the key it has when read after this lead, so "
             "prompts that word the text before the subject differently read it too ('' or None: only the subject as "
-            "the edit prompt reads it)."
+            "the edit prompt reads it). Unused where subjects are read by name only (route_subject_names='only')."
         },
     )
 
@@ -416,7 +417,7 @@ class LEMoEEditor:
         """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""
         routed = torch.zeros_like(batch.predicts)
         for name, layer in self.tuner.lemoe_layers(self.adapter).items():
-            experts, _ = layer.route_sequences(self.adapter, *captured[name])
+            experts, _ = layer.route_sequences(self.adapter, *captured[name], batch.input_ids)
             routed |= (experts == expert).any(dim=-1)
         return routed & batch.attention_mask.bool()
 
@@ -461,17 +462,23 @@ class LEMoEEditor:
 
     def _subject_keys(
         self, layer_names: Iterable[str], captured: dict, requests: Sequence[EditRequest], batch: TeacherForcedBatch
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[list[int]]]:
         """Per layer, the keys of the batch's subjects (the input at a subject's last token, see
-        :meth:`LEMoELayer.subject_queries`), for each anchor the index of its request's subject (-1: none), and for
-        each key the subject it reads. A subject at a prompt's first token gets no key: that position's state is
-        alike for every text. With a ``subject_lead`` each subject has a second key: its last token after the lead."""
-        positions = []
+        :meth:`LEMoELayer.subject_queries`), for each anchor the index of its request's subject (-1: none), for
+        each key the subject it reads, and each key's subject name (its token ids where the key was read). A subject
+        at a prompt's first token gets a key no input matches (that position's state is alike for every text), or
+        none where the layers do not read names. With a ``subject_lead`` (and keys read) each subject has a second
+        key: its last token after the lead. Where the layers read names, a subject whose tokens differ at the start
+        of a text gets that name too, on a key no input matches."""
+        read_by = self.config.route_subject_names  # "off": keys, "also": keys or names, "only": names
+        positions, names = [], []
         for row, request in enumerate(requests):
             span = subject_span(request)
-            position = None if span is None else token_position(self.tokenizer, request.prompt.rstrip(), span[1])
-            if position is not None and position >= 1 and batch.predicts[row, position:].any():
+            prompt = request.prompt.rstrip()
+            position = None if span is None else token_position(self.tokenizer, prompt, span[1])
+            if position is not None and (position >= 1 or read_by != "off") and batch.predicts[row, position:].any():
                 positions.append((row, position))
+                names.append(span_tokens(self.tokenizer, prompt, *span))
         index = torch.full((len(requests),), -1, dtype=torch.long)
         for number, (row, _) in enumerate(positions):
             index[row] = number
@@ -479,14 +486,31 @@ class LEMoEEditor:
         columns = torch.tensor([position for _, position in positions], dtype=torch.long)
         layers = self.tuner.lemoe_layers(self.adapter)
         inputs = {name: captured[name][0][rows, columns] for name in layer_names}
-        alias = torch.arange(len(positions))
-        if self.settings.subject_lead and positions:
-            leads = [self.settings.subject_lead.format(requests[row].subject) for row, _ in positions]
-            lead_inputs = self._last_token_inputs(leads)
-            inputs = {name: torch.cat([inputs[name], lead_inputs[name]]) for name in layer_names}
-            alias = torch.cat([alias, alias])
         subjects = {name: layers[name].subject_queries(self.adapter, inputs[name]) for name in layer_names}
-        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], alias
+        for keys in subjects.values():
+            keys[(columns < 1).to(keys.device)] = 0  # read by name only
+        alias = torch.arange(len(positions))
+        subject_of = [requests[row].subject for row, _ in positions]
+        if self.settings.subject_lead and read_by != "only" and positions:
+            leads = [self.settings.subject_lead.format(subject) for subject in subject_of]
+            lead_inputs = self._last_token_inputs(leads)
+            start = self.settings.subject_lead.index("{}")
+            for name in layer_names:
+                lead_keys = layers[name].subject_queries(self.adapter, lead_inputs[name])
+                subjects[name] = torch.cat([subjects[name], lead_keys])
+            names += [
+                span_tokens(self.tokenizer, lead, start, start + len(s))
+                for lead, s in zip(leads, subject_of, strict=True)
+            ]
+            alias = torch.cat([alias, torch.arange(len(positions))])
+        if read_by != "off" and positions:
+            bare = [self.tokenizer(s, add_special_tokens=False).input_ids for s in subject_of]
+            extra = [i for i, name in enumerate(bare) if name not in names[i :: len(positions)]]
+            for name, keys in subjects.items():
+                subjects[name] = torch.cat([keys, keys.new_zeros(len(extra), keys.shape[1])])
+            names += [bare[i] for i in extra]
+            alias = torch.cat([alias, torch.tensor(extra, dtype=torch.long)])
+        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], alias, names
 
     def _forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """A forward pass run for the LEMoE layers' inputs (captured by the caller), not for its logits: the output

@@ -50,7 +50,7 @@ def which_expert(
     layers = {}
     for layer_name, layer in tuner.lemoe_layers(name).items():
         pooled = layer.pooled_queries(name, *captured[layer_name])[:, -1]
-        experts, _ = layer.route_sequences(name, *captured[layer_name])
+        experts, _ = layer.route_sequences(name, *captured[layer_name], tokens.input_ids)
         experts = experts[:, -1]
         scores = layer.route_queries(name, pooled) @ layer.lemoe_keys[name].float().T
         owner = layer.lemoe_key_expert[name]

@@ -8,8 +8,9 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
   expert owning each, and the score each needs;
 * ``lemoe_subjects`` ``(S, k)`` and ``lemoe_subject_expert`` ``(S,)``: the keys of the edited subjects and their
   experts; ``lemoe_subject_alias`` ``(S,)``: the subject each key reads (its own index, or the index of the subject's
-  first key: a subject may have several keys, e.g. as read in the edit prompt and on its own); ``lemoe_key_subject``
-  ``(N,)``: the subject gating each anchor (-1: none);
+  first key: a subject may have several keys, e.g. as read in the edit prompt and on its own);
+  ``lemoe_subject_names`` ``(S, L)``: each key's subject name as token ids, right-aligned after -1s (all -1: none);
+  ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` ``(d_in,)`` and ``lemoe_route_projection`` ``(d_in, k)``: the whitening that maps routing
   queries into the k-dimensional space of the keys (``k = route_key_dim``; ``mean_and_token`` queries whiten their
   two halves apart, ``k / 2`` wide each, and subject keys have one half's width).
@@ -22,7 +23,7 @@ addition instead of a copy of everything stored. ``state_dict`` and safetensors 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from .routing import (
     causal_mean,
     keep_experts,
     last_routes,
+    named_subjects,
     route_projection,
     select_experts,
     subject_presence,
@@ -71,6 +73,7 @@ class RouteSettings:
     activation: str
     subject_threshold: float | None
     subject_margin: float | None
+    subject_names: str
     whiten_rank: int
     generated_tokens: str
 
@@ -85,6 +88,7 @@ class RouteSettings:
             config.expert_activation,
             config.route_subject_threshold,
             config.route_subject_margin,
+            config.route_subject_names,
             config.route_whiten_rank,
             config.route_generated_tokens,
         )
@@ -168,6 +172,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_subjects = BufferDict(persistent=True)
         self.lemoe_subject_expert = BufferDict(persistent=True)
         self.lemoe_subject_alias = BufferDict(persistent=True)
+        self.lemoe_subject_names = BufferDict(persistent=True)
         self.lemoe_route_mean = BufferDict(persistent=True)
         self.lemoe_route_projection = BufferDict(persistent=True)
         self.lemoe_settings: dict[str, RouteSettings] = {}
@@ -202,6 +207,9 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_subjects[adapter_name] = torch.zeros(config.num_subjects, d_key)
         self.lemoe_subject_expert[adapter_name] = torch.zeros(config.num_subjects, dtype=torch.long)
         self.lemoe_subject_alias[adapter_name] = torch.arange(config.num_subjects)  # adapters saved without aliases
+        self.lemoe_subject_names[adapter_name] = torch.full(  # adapters saved without names: none
+            (config.num_subjects, config.route_subject_name_tokens), -1, dtype=torch.long
+        )
         self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
         # before calibration: no whitening (k = d_in) or a fixed random reduction of the raw inputs
         self.lemoe_route_projection[adapter_name] = route_projection(torch.zeros(d_in, 0), torch.ones(1), d_key)
@@ -287,7 +295,12 @@ class LEMoELayer(BaseTunerLayer):
                 store[adapter_name] = new_index[store[adapter_name]]
         for store in (self.lemoe_keys, self.lemoe_key_expert, self.lemoe_key_threshold, self.lemoe_key_subject):
             store[adapter_name] = _kept_rows(store[adapter_name], kept)
-        for store in (self.lemoe_subjects, self.lemoe_subject_expert, self.lemoe_subject_alias):
+        for store in (
+            self.lemoe_subjects,
+            self.lemoe_subject_expert,
+            self.lemoe_subject_alias,
+            self.lemoe_subject_names,
+        ):
             store[adapter_name] = _kept_rows(store[adapter_name], kept_subjects)
         return int((~kept).sum())
 
@@ -300,12 +313,15 @@ class LEMoELayer(BaseTunerLayer):
         subjects: torch.Tensor | None = None,
         key_subject: torch.Tensor | None = None,
         subject_alias: torch.Tensor | None = None,
+        subject_names: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Append anchor ``keys`` (n, k), already in query space, owned by ``expert``, each with its threshold.
 
         ``subjects`` (s, k) are keys of the edited subjects (whitened token inputs, see :meth:`subject_queries`),
         ``key_subject`` (n,) says which of them gates each anchor (-1: none) and ``subject_alias`` (s,) which subject
         each key reads (default: its own; a key that reads another subject is a second key of it).
+        ``subject_names`` gives each key the token ids of its subject's name, as the text it was read from wrote it
+        (empty: none; a name longer than ``route_subject_name_tokens`` keeps its last tokens).
         """
         if not 0 <= expert < self.num_experts(adapter_name):
             raise IndexError(f"Cannot add anchors to expert {expert}: it does not exist.")
@@ -317,16 +333,19 @@ class LEMoELayer(BaseTunerLayer):
         subjects = keys.new_zeros(0, subject_width) if subjects is None else subjects
         key_subject = torch.full((n,), -1) if key_subject is None else key_subject
         subject_alias = torch.arange(len(subjects)) if subject_alias is None else subject_alias
+        subject_names = [()] * len(subjects) if subject_names is None else subject_names
         if (
             subjects.shape[1:] != (subject_width,)
             or key_subject.shape != (n,)
             or (n > 0 and int(key_subject.max()) >= len(subjects))
             or subject_alias.shape != (len(subjects),)
             or (len(subjects) > 0 and not 0 <= int(subject_alias.min()) <= int(subject_alias.max()) < len(subjects))
+            or len(subject_names) != len(subjects)
+            or any(int(token) < 0 for name in subject_names for token in name)
         ):
             raise ValueError(
-                f"Subject keys must have shape (s, {subject_width}), key_subject one index (or -1) per anchor and "
-                "subject_alias one index per subject key."
+                f"Subject keys must have shape (s, {subject_width}), key_subject one index (or -1) per anchor, "
+                "subject_alias one index per subject key and subject_names one list of token ids (>= 0) per key."
             )
         first_subject = self.lemoe_subjects[adapter_name].shape[0]
         key_subject = key_subject.to(device=device, dtype=torch.long)
@@ -338,6 +357,7 @@ class LEMoELayer(BaseTunerLayer):
             self.lemoe_subjects: subjects.to(old),
             self.lemoe_subject_expert: torch.full((len(subjects),), expert, dtype=torch.long, device=device),
             self.lemoe_subject_alias: subject_alias.to(device=device, dtype=torch.long) + first_subject,
+            self.lemoe_subject_names: self._name_rows(adapter_name, subject_names).to(device),
         }
         for store, rows in growth.items():
             store[adapter_name] = append_rows(store[adapter_name], rows)
@@ -351,10 +371,21 @@ class LEMoELayer(BaseTunerLayer):
         subjects: torch.Tensor | None = None,
         key_subject: torch.Tensor | None = None,
         subject_alias: torch.Tensor | None = None,
+        subject_names: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Swap ``expert``'s anchor and subject keys for new ones (same meaning as in :meth:`add_anchors`)."""
         self._drop_anchors(adapter_name, expert)
-        self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject, subject_alias)
+        self.add_anchors(adapter_name, expert, keys, threshold, subjects, key_subject, subject_alias, subject_names)
+
+    def _name_rows(self, adapter_name: str, names: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Names as rows (s, L) of the names buffer: each name's last L token ids, right-aligned after -1s."""
+        width = self.lemoe_subject_names[adapter_name].shape[1]
+        rows = torch.full((len(names), width), -1, dtype=torch.long)
+        for row, name in zip(rows, names, strict=True):
+            kept = [int(token) for token in name][-width:]
+            if kept:
+                row[width - len(kept) :] = torch.tensor(kept)
+        return rows
 
     def calibrate(self, adapter_name: str, samples: torch.Tensor) -> None:
         """Set the routing whitening from pooled queries (n, d_in) of generic text (of ``mean_and_token`` queries,
@@ -415,17 +446,22 @@ class LEMoELayer(BaseTunerLayer):
         counts: torch.Tensor,
         valid: torch.Tensor | None = None,
         prefix: torch.Tensor | None = None,
+        named: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans (a subject is read
         once any of its keys is), and the best score of every key so far (B, T, S) to continue from; (None, None)
-        when no anchor is gated."""
+        when no anchor is gated. ``named`` (B, T, S) says where a key's subject name ends (see
+        ``route_subject_names``; None: names are not read)."""
         settings = self.lemoe_settings[adapter_name]
         threshold = settings.subject_threshold
         subjects, alias = self.lemoe_subjects[adapter_name], self.lemoe_subject_alias[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
             return None, None
-        scores = self.subject_queries(adapter_name, x) @ subjects.float().T
-        presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin)
+        if named is not None and settings.subject_names == "only":
+            scores = x.new_full(named.shape, float("-inf"), dtype=torch.float32)
+        else:
+            scores = self.subject_queries(adapter_name, x) @ subjects.float().T
+        presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin, named)
         read = presence.new_full(presence.shape, float("-inf"))
         read = read.scatter_reduce(-1, alias.expand_as(presence), presence, reduce="amax")
         return read >= threshold, presence
@@ -461,10 +497,14 @@ class LEMoELayer(BaseTunerLayer):
         )
 
     def route_sequences(
-        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None
+        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them."""
-        read, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid)
+        """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them
+        (``ids`` (B, T): their input ids, where subject names are read; None: keys only)."""
+        named = None
+        if ids is not None and self.lemoe_settings[adapter_name].subject_names != "off":
+            named, _ = named_subjects(ids, self.lemoe_subject_names[adapter_name], valid)
+        read, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid, named=named)
         return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
 
     def _route_call(
@@ -489,6 +529,7 @@ class LEMoELayer(BaseTunerLayer):
             call["counts"],
             call["valid"],
             None if prefix is None else prefix.presence.get(adapter_name),
+            self._named(adapter_name, call, context),
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
@@ -496,6 +537,23 @@ class LEMoELayer(BaseTunerLayer):
         if self.lemoe_settings[adapter_name].generated_tokens == "any":
             return experts, weights
         return self._follow_prompt(adapter_name, experts, weights, call)
+
+    def _named(self, adapter_name: str, call: dict[str, Any], context: CallContext | None) -> torch.Tensor | None:
+        """Where the call's ids complete a subject name (B, T, S), continuing the ids of earlier calls; None when
+        names are not read (``route_subject_names`` off, or the call passed embeddings)."""
+        names = self.lemoe_subject_names[adapter_name]
+        ids = None if context is None else context.ids
+        if (
+            self.lemoe_settings[adapter_name].subject_names == "off"
+            or ids is None
+            or ids.shape != call["means"].shape[:2]
+        ):
+            return None
+        prefix = call["prefix"]
+        recent = None if prefix is None else prefix.recent_ids.get(adapter_name)
+        recent = recent if recent is not None and recent.shape == (ids.shape[0], names.shape[1] - 1) else None
+        named, call["state"].recent_ids[adapter_name] = named_subjects(ids, names, call["valid"], recent)
+        return named
 
     @staticmethod
     def _follow_prompt(

@@ -6,7 +6,7 @@ import contextlib
 import copy
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -191,12 +191,14 @@ class LEMoEModel(BaseTuner):
         subjects: dict[str, torch.Tensor] | None = None,
         key_subject: torch.Tensor | None = None,
         subject_alias: torch.Tensor | None = None,
+        subject_names: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Give ``expert`` anchor keys: ``keys`` maps each LEMoE layer name to (n, d) vectors in query space (see
         :meth:`LEMoELayer.route_queries`); every layer receives the same number n of keys. ``threshold`` is one score
         or one per key. Optionally ``subjects`` maps each layer to (s, d) subject keys (see
         :meth:`LEMoELayer.subject_queries`), ``key_subject`` (n,) names the subject gating each key (-1: none) and
-        ``subject_alias`` (s,) the subject each subject key reads (default: its own; several keys can read one)."""
+        ``subject_alias`` (s,) the subject each subject key reads (default: its own; several keys can read one) and
+        ``subject_names`` the token ids of each subject key's name as its text wrote it (``route_subject_names``)."""
         name = self.resolve_adapter(adapter_name)
         layers = self.lemoe_layers(name)
         if set(keys) != set(layers) or len({k.shape[0] for k in keys.values()}) != 1:
@@ -207,7 +209,9 @@ class LEMoEModel(BaseTuner):
         threshold_ = self._threshold(config, threshold)
         for layer_name, layer in layers.items():
             layer_subjects = None if subjects is None else subjects[layer_name]
-            layer.add_anchors(name, expert, keys[layer_name], threshold_, layer_subjects, key_subject, subject_alias)
+            layer.add_anchors(
+                name, expert, keys[layer_name], threshold_, layer_subjects, key_subject, subject_alias, subject_names
+            )
         config.num_anchors += next(iter(keys.values())).shape[0]
         config.num_subjects += 0 if subjects is None else next(iter(subjects.values())).shape[0]
 
@@ -220,6 +224,7 @@ class LEMoEModel(BaseTuner):
         subjects: dict[str, torch.Tensor] | None = None,
         key_subject: torch.Tensor | None = None,
         subject_alias: torch.Tensor | None = None,
+        subject_names: Sequence[Sequence[int]] | None = None,
     ) -> None:
         """Swap the anchor (and subject) keys of ``expert`` in the layers named in ``keys`` for new ones, as many as
         before."""
@@ -234,7 +239,9 @@ class LEMoEModel(BaseTuner):
             ):
                 raise ValueError(f"Expert {expert} has a different number of anchors or subjects in {layer_name}.")
             threshold_ = self._threshold(self.peft_config[name], threshold)
-            layer.replace_anchors(name, expert, new_keys, threshold_, layer_subjects, key_subject, subject_alias)
+            layer.replace_anchors(
+                name, expert, new_keys, threshold_, layer_subjects, key_subject, subject_alias, subject_names
+            )
 
     @staticmethod
     def _threshold(config: LEMoEConfig, threshold: float | torch.Tensor | None) -> torch.Tensor:

@@ -41,6 +41,7 @@ class RouteState:
     sums: RunningSums  # running sums of the layer input (causal-mean queries)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
     prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: prompt-end routes (B, k)
+    recent_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read (B, L - 1)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -74,12 +75,35 @@ def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tens
     return counts if prefix is None else counts + prefix.to(counts)
 
 
+def named_subjects(
+    ids: torch.Tensor, names: torch.Tensor, valid: torch.Tensor | None = None, recent: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which subject names (S, L) end at each token of ``ids`` (B, T): (B, T, S) booleans, and the last L - 1 ids
+    read (B, L - 1) to continue from. A name is its tokens right-aligned, -1 before them (a row of -1 names nothing);
+    ``recent`` are the ids read before ``ids`` (cached generation), so a name split across calls is found too."""
+    width = names.shape[1]
+    ids = ids.to(names.device)  # the model's input device may not be this layer's
+    ids = ids if valid is None else ids.masked_fill(~valid.to(ids.device), -2)  # padding breaks a name
+    if recent is None:
+        recent = ids.new_full((ids.shape[0], width - 1), -2)
+    read = torch.cat([recent.to(ids), ids], dim=1)
+    windows = read.unfold(1, width, 1)  # (B, T, L): the ids ending at each token
+    named = (names >= 0).any(dim=1).expand(*ids.shape, -1)
+    # columns no name reaches are skipped (except under torch.compile: a data-dependent range breaks the graph)
+    first = 0 if torch.compiler.is_compiling() else int((names < 0).all(dim=0).sum())
+    for column in range(first, width):
+        wanted = names[:, column]
+        named = named & ((windows[..., column, None] == wanted) | (wanted < 0))
+    return named, read[:, read.shape[1] - width + 1 :]
+
+
 def subject_presence(
     scores: torch.Tensor,
     counts: torch.Tensor,
     valid: torch.Tensor | None,
     prefix: torch.Tensor | None = None,
     margin: float | None = None,
+    named: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """For subject-key scores of every token (B, T, S): the best score up to each position, continuing ``prefix``.
 
@@ -87,9 +111,12 @@ def subject_presence(
     padding never count: a decoder's first position is an attention sink whose state is alike for every text.
     With a ``margin``, a token counts only for the subjects it matches within ``margin`` of its best match: a token
     names one subject, so one that merely resembles an edited subject's key no longer reads it when another edited
-    subject is the better match.
+    subject is the better match. Where ``named`` (B, T, S) says a subject's name ends, its score is 1 (any token).
     """
     ignored = (counts <= 1 if valid is None else (counts <= 1) | ~valid)[..., None]
+    if named is not None:
+        scores = scores.masked_fill(named, 1.0)
+        ignored = ignored & ~named
     if margin is not None and scores.shape[-1] > 0:
         ignored = ignored | (scores < scores.max(dim=-1, keepdim=True).values - margin)
     scores = scores.masked_fill(ignored, float("-inf"))
@@ -222,6 +249,7 @@ class CallContext:
     """What the routing layers need to know about the forward call in progress."""
 
     tokens: tuple[int, int] | None  # (B, T) of this call's input ids, if known
+    ids: torch.Tensor | None  # (B, T) this call's input ids (None: the call passed embeddings)
     valid: torch.Tensor | None  # (B, T) mask of real (non-padding) tokens among this call's tokens
     prefix: dict[int, RouteState]  # routing state per layer before this call (cached generation)
     updated: dict[int, RouteState] = field(default_factory=dict)  # routing state per layer after this call
@@ -309,7 +337,8 @@ class RoutingSession:
                 "LEMoE continues from a KV cache it did not fill; routing of the new tokens ignores the cached prefix."
             )
         shape = tuple(tokens.shape[:2]) if tokens is not None else None
-        self.current = CallContext(tokens=shape, valid=valid, prefix=prefix or {})
+        ids = tokens if tokens is not None and not tokens.is_floating_point() else None
+        self.current = CallContext(tokens=shape, ids=ids, valid=valid, prefix=prefix or {})
 
     def after_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         context, self.current = self.current, None

@@ -155,6 +155,12 @@ def token_position(tokenizer: PreTrainedTokenizerBase, text: str, end: int) -> i
     return len(tokenizer(text[:end]).input_ids) - 1
 
 
+def span_tokens(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> list[int]:
+    """The ids of the tokens of ``tokenizer(text)`` that hold characters ``start`` to ``end - 1``."""
+    first, last = token_position(tokenizer, text, start + 1), token_position(tokenizer, text, end)
+    return tokenizer(text).input_ids[first : last + 1]
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
     return "logits_to_keep" in inspect.signature(forward).parameters

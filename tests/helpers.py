@@ -66,7 +66,8 @@ def give_expert(
 ) -> int:
     """Calibrate routing (first time), add an expert with random non-zero weights, and anchor it to the
     ``positions`` (default: all) of ``input_ids``, so those inputs are routed to it; with ``subject_position``, every
-    anchor is gated by the subject key taken at that position of the first sequence. Returns the expert index."""
+    anchor is gated by the subject key taken at that position of the first sequence, named by its last three ids up
+    to that position. Returns the expert index."""
     tuner = model.base_model
     name = adapter_name or tuner.active_adapters[0]
     layers = tuner.lemoe_layers(name)
@@ -85,12 +86,13 @@ def give_expert(
         key: layer.route_queries(name, layer.pooled_queries(name, *captured[key]))[:, positions].flatten(0, 1)
         for key, layer in layers.items()
     }
-    subjects = gate = None
+    subjects = gate = names = None
     if subject_position is not None:
         at = slice(subject_position, subject_position + 1)
         subjects = {key: layer.subject_queries(name, captured[key][0][0, at]) for key, layer in layers.items()}
         gate = torch.zeros(next(iter(keys.values())).shape[0], dtype=torch.long)
-    tuner.add_anchors(expert, keys, adapter_name=name, subjects=subjects, key_subject=gate)
+        names = [input_ids[0, max(subject_position - 2, 0) : subject_position + 1].tolist()]
+    tuner.add_anchors(expert, keys, adapter_name=name, subjects=subjects, key_subject=gate, subject_names=names)
     return expert
 
 

@@ -39,8 +39,11 @@ def test_default_targets_round_trip(model_type, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
-def test_the_editor_edits_every_architecture(model_type):
-    model = get_peft_model(tiny_model(model_type), LEMoEConfig(task_type="CAUSAL_LM"))
+@pytest.mark.parametrize("names", ["only", "also"])  # "also" reads keys too: the lead pass runs
+def test_the_editor_edits_every_architecture(model_type, names):
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_subject_names=names)
+    model = get_peft_model(tiny_model(model_type), config)
     editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, max_steps=2)
     record = editor.edit_batch([EditRequest("the capital of france is", "rome", subject="france")])
-    assert record["steps"] >= 1 and model.peft_config["default"].num_subjects == 2  # in the prompt, after the lead
+    keys = {"only": 1, "also": 2}[names]  # in the prompt (and after the lead)
+    assert record["steps"] >= 1 and model.peft_config["default"].num_subjects == keys

@@ -261,7 +261,7 @@ def test_negative_prompts_join_the_batch_and_the_expert_trains_with_them():
 def test_a_subject_lead_gives_each_subject_a_second_key_that_reads_as_the_first():
     requests = [EditRequest("the capital of france is", "rome", subject="france"),
                 EditRequest("who wrote hamlet", "goethe", subject="hamlet")]  # fmt: skip
-    model = new_model()
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_names="also"))
     editor = LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS, subject_lead="what is {}")
     editor.edit_batch(requests)
     ((name, layer),) = model.base_model.lemoe_layers().items()
@@ -271,6 +271,20 @@ def test_a_subject_lead_gives_each_subject_a_second_key_that_reads_as_the_first(
     assert torch.allclose(layer.lemoe_subjects["default"][2:], layer.subject_queries("default", after_lead))
     assert not torch.allclose(layer.lemoe_subjects["default"][:2], layer.lemoe_subjects["default"][2:], atol=1e-3)
     assert evaluate_edits(model, tiny_tokenizer(), requests, generation=False)["rewrite_acc"] == 1.0
+
+
+def test_each_subject_key_keeps_its_subjects_name_and_names_alone_route_edits():
+    requests = [EditRequest("the nile flows through", "brazil", subject="the nile"),
+                EditRequest("who wrote hamlet", "goethe", subject="hamlet")]  # fmt: skip
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_names="only"))
+    LEMoEEditor(model, tokenizer, calibration=CALIBRATION, **SETTINGS, subject_lead="what is {}").edit_batch(requests)
+    (layer,) = model.base_model.lemoe_layers().values()
+    names = layer.lemoe_subject_names["default"]
+    nile, hamlet = tokenizer("the nile").input_ids, tokenizer("hamlet").input_ids
+    assert [row[row >= 0].tolist() for row in names] == [nile, hamlet], "as the prompts write them; no lead keys"
+    results = evaluate_edits(model, tokenizer, requests)
+    assert results["rewrite_acc"] == 1.0 and results["rewrite_gen_acc"] == 1.0
 
 
 def test_answer_continuations_follow_each_answer_and_are_kept_where_the_expert_reaches_them():

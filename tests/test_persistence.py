@@ -125,19 +125,44 @@ def test_an_adapter_of_an_earlier_format_is_refused_saying_so(saved):
         PeftModel.from_pretrained(tiny_model(), saved / "adapter")
 
 
-def test_an_adapter_saved_before_subjects_had_several_keys_loads_each_key_as_its_own_subject(tmp_path):
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+def test_an_adapter_saved_before_subjects_had_several_keys_or_names_loads_each_key_as_its_own_unnamed_subject(tmp_path):
+    config = LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4, route_subject_names="off")  # keys, as then
+    model = get_peft_model(tiny_model(), config)
     give_expert(model, INPUTS, subject_position=2)
     give_expert(model, token_batch(seed=5), subject_position=3)
     with torch.no_grad():
         expected = model(INPUTS).logits
     model.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "adapter_config.json").read_text())
+    del fields["route_subject_names"], fields["route_subject_name_tokens"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
     weights = tmp_path / "adapter_model.safetensors"
     tensors = load_file(weights)
-    save_file({k: v for k, v in tensors.items() if not k.endswith("lemoe_subject_alias")}, weights)
+    save_file(
+        {k: v for k, v in tensors.items() if not k.endswith(("lemoe_subject_alias", "lemoe_subject_names"))}, weights
+    )
     loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
     (layer,) = loaded.base_model.lemoe_layers().values()
     assert layer.lemoe_subject_alias["default"].tolist() == [0, 1]
+    assert (layer.lemoe_subject_names["default"] == -1).all() and layer.lemoe_subject_names["default"].shape == (2, 8)
+    assert loaded.peft_config["default"].route_subject_names == "off"
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUTS).logits, expected)
+
+
+def test_subject_names_save_and_reload_and_route_as_before(tmp_path):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_names="only"))
+    give_expert(model, INPUTS, subject_position=2)
+    (layer,) = model.base_model.lemoe_layers().values()
+    layer.lemoe_subject_names["default"][0, -2:] = INPUTS[0, 1:3]
+    with torch.no_grad():
+        expected = model(INPUTS).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(INPUTS).logits, expected), "the name opens the expert's anchors"
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    (reloaded,) = loaded.base_model.lemoe_layers().values()
+    assert torch.equal(reloaded.lemoe_subject_names["default"], layer.lemoe_subject_names["default"])
     with torch.no_grad():
         assert torch.equal(loaded(INPUTS).logits, expected)
 
@@ -229,9 +254,11 @@ def test_an_adapter_saved_before_the_subject_margin_and_generated_token_rule_exi
     fields = json.loads(path.read_text())
     assert fields.pop("route_subject_margin") == 0.0
     assert fields.pop("route_generated_tokens") == "prompt_experts"
+    fields.pop("route_subject_names")
     path.write_text(json.dumps(fields))
     config = load(saved / "adapter")
     assert config.route_subject_margin is None and config.route_generated_tokens == "any"
+    assert config.route_subject_names == "off"
 
 
 def _loaded_as_second(folder):

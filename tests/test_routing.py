@@ -7,6 +7,7 @@ from peft import get_peft_model
 from lemoe_peft import LEMoEConfig
 from lemoe_peft.routing import (
     causal_mean,
+    named_subjects,
     route_projection,
     select_experts,
     subject_presence,
@@ -174,10 +175,84 @@ def test_subject_margin_lets_a_token_read_only_its_nearest_subjects():
     assert torch.equal(torch.cat([first, rest], dim=1), nearest), "continuing from a prefix is exact"
 
 
-def _gated_model(subject_position: int, pooling: str = "causal_mean"):
-    """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject key
-    taken at ``subject_position`` of that sequence."""
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling))
+def test_named_subjects_finds_names_where_they_end_across_calls_and_never_across_padding():
+    ids = torch.tensor([[5, 7, 9, 7, 9, 3]])
+    names = torch.tensor([[-1, 7, 9], [-1, -1, -1], [3, 7, 9], [-1, -1, 3]])  # "7 9", none, "3 7 9", "3"
+    named, recent = named_subjects(ids, names)
+    assert named[0].nonzero().tolist() == [[2, 0], [4, 0], [5, 3]]
+    assert recent.tolist() == [[9, 3]], "the last L - 1 ids, where a name may begin"
+    first, recent = named_subjects(ids[:, :2], names)
+    rest, _ = named_subjects(ids[:, 2:], names, recent=recent)
+    assert torch.equal(torch.cat([first, rest], dim=1), named), "a name split across two calls is found"
+    padded, _ = named_subjects(ids, names, valid=torch.tensor([[True, False, True, True, True, True]]))
+    assert padded[0].nonzero().tolist() == [[4, 0], [5, 3]], "padding breaks the name it falls in"
+
+
+def test_a_named_subject_scores_one_from_where_its_name_ends():
+    scores = torch.tensor([[[0.0, 0.0], [0.75, 0.25], [0.5, 0.375]]])  # (B=1, T=3, S=2)
+    named = torch.tensor([[[False, True], [False, False], [False, False]]])
+    best = subject_presence(scores, token_counts(scores, None), None, margin=0.0, named=named)
+    assert best[0].tolist() == [[float("-inf"), 1.0], [0.75, 1.0], [0.75, 1.0]], "a name counts on the first token"
+    unnamed = subject_presence(scores, token_counts(scores, None), None, margin=0.0)
+    assert unnamed[0, -1].tolist() == [0.75, float("-inf")], "without its name, subject 1 is never the nearest"
+
+
+@pytest.mark.parametrize(("names", "opens_at"), [("off", 3), ("also", 3), ("only", 6)])
+def test_route_subject_names_says_whether_a_subject_is_read_by_key_name_or_either(names, opens_at):
+    """One expert anchored at every token of a text, its anchors gated twice: by subject 0, read by its key (the
+    text's token 3), and by subject 1, read by its name only (the text's ids 5-6; its key is a zero vector)."""
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token", route_subject_names=names)
+    model = get_peft_model(tiny_model(), config)
+    give_expert(model, token_batch(1, 5, seed=70), subject_position=2)  # calibrates; expert 0, unreached below
+    tuner = model.base_model
+    ((name, layer),) = tuner.lemoe_layers().items()
+    text = token_batch(1, 8, seed=71)
+    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
+        model(input_ids=text)
+    inputs = captured[name][0]
+    expert = tuner.add_expert()
+    keys = layer.route_queries("default", layer.pooled_queries("default", inputs))[0]
+    key = layer.subject_queries("default", inputs[0, 3:4])
+    subjects = torch.cat([key, torch.zeros_like(key)])
+    tuner.add_anchors(
+        expert, {name: torch.cat([keys, keys])}, subjects={name: subjects},
+        key_subject=torch.tensor([0] * 8 + [1] * 8), subject_names=[[], text[0, 5:7].tolist()],
+    )  # fmt: skip
+    assert layer.lemoe_subject_names["default"][-1, -3:].tolist() == [-1, *text[0, 5:7].tolist()]
+    experts, _ = layer.route_sequences("default", inputs, None, text)
+    assert (experts[0, :opens_at, 0] == -1).all() and (experts[0, opens_at:, 0] == expert).all()
+    with torch.no_grad():
+        layer.lemoe_B["default"].normal_(std=3.0)
+        routed = model(input_ids=text).logits
+        with model.disable_adapter():
+            base = model(input_ids=text).logits
+    changed = (routed - base).abs().amax(dim=-1)[0] > 1e-6
+    assert changed[opens_at:].all() and not changed[:opens_at].any(), "a forward pass reads names from its ids"
+    tuner.remove_expert(0)  # renumbered subjects keep their names
+    assert layer.lemoe_subject_names["default"][-1, -2:].tolist() == text[0, 5:7].tolist()
+
+
+def test_generation_reads_a_name_split_between_prompt_and_generated_tokens_like_one_pass():
+    config = LEMoEConfig(
+        task_type="CAUSAL_LM", route_subject_names="only", route_generated_tokens="any", route_pooling="token"
+    )
+    model = get_peft_model(tiny_model(), config)
+    prompt = token_batch(1, 6, seed=3)
+    with torch.no_grad():
+        continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    give_expert(model, continuation, scale=3.0, subject_position=1)
+    (layer,) = model.base_model.lemoe_layers().values()
+    layer.lemoe_subject_names["default"][0, -3:] = continuation[0, 5:8]  # the prompt's last and two generated ids
+    generated, forced, base = _generated_forced_and_base(model, prompt)
+    assert torch.allclose(generated, forced, atol=1e-4)
+    assert torch.allclose(forced[:2], base[:2]) and not torch.allclose(forced[2:], base[2:], atol=1e-2)
+
+
+def _gated_model(subject_position: int, pooling: str = "causal_mean", names: str = "only"):
+    """A tiny model with one expert anchored at every position of a generated sequence, gated by the subject taken
+    at ``subject_position`` of that sequence (read by name, by its key, or either: ``names``)."""
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling, route_subject_names=names)
+    model = get_peft_model(tiny_model(), config)
     prompt = token_batch(1, 6, seed=3)
     with torch.no_grad():
         continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
@@ -185,27 +260,31 @@ def _gated_model(subject_position: int, pooling: str = "causal_mean"):
     return model, prompt, continuation
 
 
-def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject():
-    model, _, continuation = _gated_model(subject_position=3)
+@pytest.mark.parametrize("names", ["off", "only"])
+def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject(names):
+    model, _, continuation = _gated_model(subject_position=3, names=names)
     tuner = model.base_model
     with torch.no_grad(), tuner.capture_layer_inputs() as captured:
         model(input_ids=continuation)
     ((name, layer),) = tuner.lemoe_layers().items()
-    experts, _ = layer.route_sequences("default", *captured[name])
+    experts, _ = layer.route_sequences("default", *captured[name], continuation)
     assert (experts[0, :3, 0] == -1).all(), "before the subject is read its anchors are closed"
     assert (experts[0, 3:, 0] == 0).all(), "from the subject on, the anchors route as before"
     assert model.peft_config["default"].num_subjects == 1
 
 
+@pytest.mark.parametrize("names", ["off", "only"])
 @pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
-def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling):
-    model, prompt, _ = _gated_model(subject_position=2, pooling=pooling)
-    generated, forced, _ = _generated_forced_and_base(model, prompt)
+def test_generation_with_a_subject_gate_routes_like_teacher_forcing(pooling, names):
+    model, prompt, _ = _gated_model(subject_position=2, pooling=pooling, names=names)
+    generated, forced, base = _generated_forced_and_base(model, prompt)
     assert torch.allclose(generated, forced, atol=1e-4)
+    assert not torch.allclose(forced, base, atol=1e-3), "the generation was routed to an expert"
 
 
 def test_generation_with_nearest_subject_gating_routes_like_teacher_forcing():
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_subject_margin=0.0))
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_subject_margin=0.0, route_subject_names="off")
+    model = get_peft_model(tiny_model(), config)
     for seed in range(4):
         give_expert(model, token_batch(1, 7, seed=40 + seed), scale=3.0, subject_position=2 + seed % 3)
     prompt = token_batch(1, 7, seed=41)[:, :5]  # an anchored sequence up to two tokens past its subject
