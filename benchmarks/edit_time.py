@@ -1,8 +1,10 @@
-"""Time per edit under two editor settings: the same held-out edits made batch by batch on two fresh LEMoE models,
-interleaved in one process (one thread, the arms alternating which goes first), so that both see the same machine
-load. Reports seconds per edit, the ratio, and steps per batch (a setting can change how fast training converges).
+"""Time per edit under two settings (of the editor or the adapter config): the same held-out edits made batch by
+batch on two fresh LEMoE models, interleaved in one process (one thread, the arms alternating which goes first), so
+that both see the same machine load. Reports seconds per edit, the ratio, and steps per batch (a setting can change
+how fast training converges).
 
     python -m benchmarks.edit_time --dataset zsre --T 100 --baseline '{"subject_lead": ""}'
+    python -m benchmarks.edit_time --dataset zsre --T 100 --baseline '{"route_subject_names": "off"}'
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lemoe_peft.edit_log import write_json_atomic
 
 from .data import load_base, requests_for
 from .lifelong import SETTINGS
+from .methods import CONFIG_FIELDS
 
 
 def interleaved_edits(
@@ -38,12 +41,14 @@ def interleaved_edits(
 
 
 def compare(dataset: str, T: int, arms: dict[str, dict], cache: Path) -> dict:
-    """Seconds per edit and steps per batch of each arm ({name: editor settings}) on the first ``T`` held-out edits."""
+    """Seconds per edit and steps per batch of each arm ({name: settings}) on the first ``T`` held-out edits."""
     torch.set_num_threads(1)
     editors = {}
     for name, settings in arms.items():
         base, tokenizer = load_base(cache)
-        editors[name] = LEMoEEditor(get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM")), tokenizer, **settings)
+        config = LEMoEConfig(task_type="CAUSAL_LM", **{k: v for k, v in settings.items() if k in CONFIG_FIELDS})
+        editor_settings = {k: v for k, v in settings.items() if k not in CONFIG_FIELDS}
+        editors[name] = LEMoEEditor(get_peft_model(base, config), tokenizer, **editor_settings)
         editors[name].ensure_calibrated()
     requests = requests_for(dataset, T, tuning=True)
     seconds, steps = interleaved_edits(editors, next(iter(editors.values())).plan(requests))
@@ -64,8 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="zsre")
     parser.add_argument("--T", type=int, default=100)
-    parser.add_argument("--baseline", default="{}", help="JSON: editor settings of the baseline arm")
-    parser.add_argument("--candidate", default="{}", help="JSON: editor settings of the other arm")
+    parser.add_argument("--baseline", default="{}", help="JSON: settings of the baseline arm")
+    parser.add_argument("--candidate", default="{}", help="JSON: settings of the other arm")
     parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "edit_time.json")
     args = parser.parse_args()

@@ -39,6 +39,7 @@ ROUTING = (
     "route_key_dim",
     "route_subject_threshold",
     "route_subject_margin",
+    "route_subject_names",
     "route_generated_tokens",
 )
 METRICS = (*GENERATION_METRICS, *TEACHER_FORCED_METRICS, *OTHER_LOCALITY)

@@ -135,16 +135,18 @@ def _edit_and_evaluate(smollm2, requests, editor: dict | None = None, **config) 
         model.unload()
 
 
-@pytest.mark.parametrize("gate", [LEMoEConfig().route_subject_threshold, None], ids=["subject-gate", "no-gate"])
-def test_prompts_about_another_subject_keep_their_answers_under_generate(smollm2, gate):
-    """CounterFact's neighbourhood prompts share an edit's template but name another subject: with the subject gate
-    greedy generation continues them as the unedited model does; without it, many reach an edited expert."""
-    results = _edit_and_evaluate(smollm2, load_edit_requests(COUNTERFACT, limit=30), route_subject_threshold=gate)
-    assert results["rewrite_gen_acc"] >= 0.9
-    if gate is None:
-        assert results["locality_gen_acc"] <= 0.8
-    else:
-        assert results["locality_gen_acc"] >= 0.85
+def test_prompts_about_another_subject_keep_their_answers_under_generate(smollm2):
+    """CounterFact's neighbourhood prompts share an edit's template but name another subject: with subjects read by
+    name, greedy generation continues them as the unedited model does; read by key, a few reach an edited expert
+    (a neighbour's subject can resemble an edited one); with no subject gate, many do."""
+    requests = load_edit_requests(COUNTERFACT, limit=30)
+    names = _edit_and_evaluate(smollm2, requests)
+    keys = _edit_and_evaluate(smollm2, requests, route_subject_names="off")
+    no_gate = _edit_and_evaluate(smollm2, requests, route_subject_threshold=None)
+    assert names["rewrite_gen_acc"] >= 0.9 and keys["rewrite_gen_acc"] >= 0.9
+    assert names["locality_gen_acc"] >= 0.95, names["locality_gen_acc"]
+    assert keys["locality_gen_acc"] >= 0.85 and no_gate["locality_gen_acc"] <= 0.8, (keys, no_gate)
+    assert names["rephrase_gen_acc"] >= keys["rephrase_gen_acc"], (names, keys)
 
 
 KNOWEDIT_ZSRE = DATA_DIR / "zsre" / "ZsRE-test-all.json"
@@ -154,15 +156,19 @@ def test_other_questions_about_an_edited_subject_keep_their_answers_under_genera
     """KnowEdit's ZsRE locality prompts ask about the edited subject in other relations (those restating the edited
     question are not scored): the token half of the default routing query keeps their prompts away from the edits'
     experts, which the running mean alone does not, and keeping generated tokens to the prompt's experts keeps the
-    experts out of their continuations, at no cost to the rephrases. A second key per subject (read after a lead)
-    carries more rephrases to their edits, at no cost to those prompts."""
+    experts out of their continuations, at no cost to the rephrases. Reading subjects by key (with a second key read
+    after a lead) carries more rephrases to their edits than one key, at no cost to those prompts; reading them by
+    name (the default) carries as many as two keys."""
     requests = load_edit_requests(KNOWEDIT_ZSRE, limit=30)
     default = _edit_and_evaluate(smollm2, requests)
     mean_only = _edit_and_evaluate(smollm2, requests, route_pooling="causal_mean")
     any_expert = _edit_and_evaluate(smollm2, requests, route_generated_tokens="any")
-    one_key = _edit_and_evaluate(smollm2, requests, editor={"subject_lead": None})
-    assert default["rephrase_gen_acc"] > one_key["rephrase_gen_acc"], (one_key, default)
-    assert default["locality_other_gen_acc"] >= one_key["locality_other_gen_acc"] - 0.04, (one_key, default)
+    two_keys = _edit_and_evaluate(smollm2, requests, route_subject_names="off")
+    one_key = _edit_and_evaluate(smollm2, requests, route_subject_names="off", editor={"subject_lead": None})
+    assert two_keys["rephrase_gen_acc"] > one_key["rephrase_gen_acc"], (one_key, two_keys)
+    assert two_keys["locality_other_gen_acc"] >= one_key["locality_other_gen_acc"] - 0.04, (one_key, two_keys)
+    assert default["rephrase_gen_acc"] >= two_keys["rephrase_gen_acc"] - 0.04, (two_keys, default)  # one of 30
+    assert default["locality_other_gen_acc"] >= two_keys["locality_other_gen_acc"] - 0.04, (two_keys, default)
     assert default["rewrite_gen_acc"] >= 0.9
     assert default["locality_other_gen_acc"] >= 0.8, default["locality_other_gen_acc"]
     assert mean_only["locality_other_gen_acc"] <= default["locality_other_gen_acc"] - 0.1, (mean_only, default)
