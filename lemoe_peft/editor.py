@@ -37,6 +37,7 @@ from .teacher_forcing import (
     answer_logits,
     encode,
     span_tokens,
+    subject_spellings,
     token_position,
     token_rows,
     with_rows,
@@ -489,28 +490,37 @@ class LEMoEEditor:
         subjects = {name: layers[name].subject_queries(self.adapter, inputs[name]) for name in layer_names}
         for keys in subjects.values():
             keys[(columns < 1).to(keys.device)] = 0  # read by name only
-        alias = torch.arange(len(positions))
+        alias = list(range(len(positions)))
         subject_of = [requests[row].subject for row, _ in positions]
+
+        def add_keys(new_keys: dict[str, torch.Tensor], reads: list[int], new_names: list[list[int]]) -> None:
+            for name in subjects:
+                subjects[name] = torch.cat([subjects[name], new_keys[name]])
+            alias.extend(reads)
+            names.extend(new_names)
+
         if self.settings.subject_lead and read_by != "only" and positions:
             leads = [self.settings.subject_lead.format(subject) for subject in subject_of]
             lead_inputs = self._last_token_inputs(leads)
             start = self.settings.subject_lead.index("{}")
-            for name in layer_names:
-                lead_keys = layers[name].subject_queries(self.adapter, lead_inputs[name])
-                subjects[name] = torch.cat([subjects[name], lead_keys])
-            names += [
-                span_tokens(self.tokenizer, lead, start, start + len(s))
-                for lead, s in zip(leads, subject_of, strict=True)
-            ]
-            alias = torch.cat([alias, torch.arange(len(positions))])
-        if read_by != "off" and positions:
-            bare = [self.tokenizer(s, add_special_tokens=False).input_ids for s in subject_of]
-            extra = [i for i, name in enumerate(bare) if name not in names[i :: len(positions)]]
-            for name, keys in subjects.items():
-                subjects[name] = torch.cat([keys, keys.new_zeros(len(extra), keys.shape[1])])
-            names += [bare[i] for i in extra]
-            alias = torch.cat([alias, torch.tensor(extra, dtype=torch.long)])
-        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], alias, names
+            add_keys(
+                {name: layers[name].subject_queries(self.adapter, lead_inputs[name]) for name in layer_names},
+                list(range(len(positions))),
+                [span_tokens(self.tokenizer, t, start, start + len(s)) for t, s in zip(leads, subject_of, strict=True)],
+            )
+        if read_by != "off":  # names no key has yet: the subject as other texts may write it
+            spelled = [set() for _ in positions]
+            for reads, name in zip(alias, names, strict=True):
+                spelled[reads].add(tuple(name))
+            extra = []
+            for i, subject in enumerate(subject_of):
+                for name in subject_spellings(self.tokenizer, subject):
+                    if tuple(name) not in spelled[i]:
+                        spelled[i].add(tuple(name))
+                        extra.append((i, name))
+            unmatched = {name: keys.new_zeros(len(extra), keys.shape[1]) for name, keys in subjects.items()}
+            add_keys(unmatched, [i for i, _ in extra], [name for _, name in extra])
+        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], torch.tensor(alias, dtype=torch.long), names
 
     def _forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """A forward pass run for the LEMoE layers' inputs (captured by the caller), not for its logits: the output

@@ -161,6 +161,16 @@ def span_tokens(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: 
     return tokenizer(text).input_ids[first : last + 1]
 
 
+def subject_spellings(tokenizer: PreTrainedTokenizerBase, subject: str) -> list[list[int]]:
+    """The ids of ``subject`` within a sentence (after a space) and as a text's first word: most tokenizers write
+    the two differently ("Munich" against " Munich")."""
+    lead = "It is about "
+    return [
+        span_tokens(tokenizer, lead + subject, len(lead), len(lead) + len(subject)),
+        tokenizer(subject, add_special_tokens=False).input_ids,
+    ]
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
     return "logits_to_keep" in inspect.signature(forward).parameters
