@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 
 from lemoe_peft import EditRequest, LEMoEConfig, LEMoEEditor, evaluate_edits, load_edit_requests
 from lemoe_peft.evaluation import generated_answer_hits
+from lemoe_peft.teacher_forcing import subject_spellings
 
 from .helpers import DATA_DIR
 
@@ -147,6 +148,21 @@ def test_prompts_about_another_subject_keep_their_answers_under_generate(smollm2
     assert names["locality_gen_acc"] >= 0.95, names["locality_gen_acc"]
     assert keys["locality_gen_acc"] >= 0.85 and no_gate["locality_gen_acc"] <= 0.8, (keys, no_gate)
     assert names["rephrase_gen_acc"] >= keys["rephrase_gen_acc"], (names, keys)
+
+
+def test_a_subject_that_opens_its_prompt_is_also_named_as_a_sentence_writes_it_within(smollm2):
+    base, tokenizer = smollm2
+    within, first = subject_spellings(tokenizer, "Danielle Darrieux")
+    assert tokenizer.decode(within) == " Danielle Darrieux" and tokenizer.decode(first) == "Danielle Darrieux"
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+    try:
+        request = EditRequest("Danielle Darrieux's mother tongue is", "English", subject="Danielle Darrieux")
+        LEMoEEditor(model, tokenizer, max_steps=1).edit_batch([request])
+        (layer,) = model.base_model.lemoe_layers().values()
+        names = [row[row >= 0].tolist() for row in layer.lemoe_subject_names["default"]]
+        assert names == [first, within], "as the prompt writes it (first), then within a sentence"
+    finally:
+        model.unload()
 
 
 KNOWEDIT_ZSRE = DATA_DIR / "zsre" / "ZsRE-test-all.json"
