@@ -469,8 +469,8 @@ class LEMoEEditor:
         each key the subject it reads, and each key's subject name (its token ids where the key was read). A subject
         at a prompt's first token gets a key no input matches (that position's state is alike for every text), or
         none where the layers do not read names. With a ``subject_lead`` (and keys read) each subject has a second
-        key: its last token after the lead. Where the layers read names, a subject whose tokens differ at the start
-        of a text gets that name too, on a key no input matches."""
+        key: its last token after the lead. Where the layers read names, a subject gets the names no key has yet (as a
+        sentence writes it within, and as a text's first word: :func:`subject_spellings`), on keys no input matches."""
         read_by = self.config.route_subject_names  # "off": keys, "also": keys or names, "only": names
         positions, names = [], []
         for row, request in enumerate(requests):

@@ -197,21 +197,29 @@ def test_a_named_subject_scores_one_from_where_its_name_ends():
     assert unnamed[0, -1].tolist() == [0.75, float("-inf")], "without its name, subject 1 is never the nearest"
 
 
+def _new_expert_keyed_at_every_token(texts: torch.Tensor, **config):
+    """A tiny model (token queries) whose routing is calibrated and whose expert 0 no text below reaches, a new
+    expert without anchors, and the inputs (B, T, d) of ``texts`` at the LEMoE layer with their queries (B, T, k):
+    the model, the layer, the inputs, the new expert and the queries."""
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token", **config))
+    give_expert(model, token_batch(1, 5, seed=70), subject_position=2)
+    tuner = model.base_model
+    ((name, layer),) = tuner.lemoe_layers().items()
+    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
+        model(input_ids=texts)
+    inputs = captured[name][0]
+    keys = layer.route_queries("default", layer.pooled_queries("default", inputs))
+    return model, layer, inputs, tuner.add_expert(), keys
+
+
 @pytest.mark.parametrize(("names", "opens_at"), [("off", 3), ("also", 3), ("only", 6)])
 def test_route_subject_names_says_whether_a_subject_is_read_by_key_name_or_either(names, opens_at):
     """One expert anchored at every token of a text, its anchors gated twice: by subject 0, read by its key (the
     text's token 3), and by subject 1, read by its name only (the text's ids 5-6; its key is a zero vector)."""
-    config = LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token", route_subject_names=names)
-    model = get_peft_model(tiny_model(), config)
-    give_expert(model, token_batch(1, 5, seed=70), subject_position=2)  # calibrates; expert 0, unreached below
-    tuner = model.base_model
-    ((name, layer),) = tuner.lemoe_layers().items()
     text = token_batch(1, 8, seed=71)
-    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
-        model(input_ids=text)
-    inputs = captured[name][0]
-    expert = tuner.add_expert()
-    keys = layer.route_queries("default", layer.pooled_queries("default", inputs))[0]
+    model, layer, inputs, expert, keys = _new_expert_keyed_at_every_token(text, route_subject_names=names)
+    tuner, name = model.base_model, next(iter(model.base_model.lemoe_layers()))
+    keys = keys[0]
     key = layer.subject_queries("default", inputs[0, 3:4])
     subjects = torch.cat([key, torch.zeros_like(key)])
     tuner.add_anchors(
@@ -307,16 +315,9 @@ def test_removing_an_expert_keeps_the_other_experts_subject_gates():
 def test_a_subject_is_read_through_any_of_its_keys(alias):
     """One expert anchored on two texts, every anchor gated by subject 0, whose key is text A's token 3; text B's
     token 2 is a second key, read as subject 0 ([0, 0]) or as a subject of its own ([0, 1])."""
-    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling="token"))
-    give_expert(model, token_batch(1, 5, seed=70), subject_position=2)  # calibrates; expert 0, unreached below
-    tuner = model.base_model
-    ((name, layer),) = tuner.lemoe_layers().items()
-    texts = token_batch(2, 6, seed=71)
-    with torch.no_grad(), tuner.capture_layer_inputs() as captured:
-        model(input_ids=texts)
-    inputs = captured[name][0]
-    expert = tuner.add_expert()
-    keys = layer.route_queries("default", layer.pooled_queries("default", inputs)).flatten(0, 1)
+    model, layer, inputs, expert, keys = _new_expert_keyed_at_every_token(token_batch(2, 6, seed=71))
+    tuner, name = model.base_model, next(iter(model.base_model.lemoe_layers()))
+    keys = keys.flatten(0, 1)
     subjects = layer.subject_queries("default", torch.stack([inputs[0, 3], inputs[1, 2]]))
     tuner.add_anchors(
         expert, {name: keys}, subjects={name: subjects}, key_subject=torch.zeros(12, dtype=torch.long),
