@@ -1,16 +1,18 @@
-"""Time per edit under two settings (of the editor or the adapter config): the same held-out edits made batch by
-batch on two fresh LEMoE models, interleaved in one process (one thread, the arms alternating which goes first), so
-that both see the same machine load. Reports seconds per edit, the ratio, and steps per batch (a setting can change
-how fast training converges).
+"""Time per edit under two settings (of the editor or the adapter config): the same held-out edits made on two fresh
+LEMoE models, a group at a time (each arm in its own batches), interleaved in one process (one thread, the arms
+alternating which goes first), so that both see the same machine load. Reports seconds per edit, the ratio, and steps
+per batch (a setting can change how fast training converges).
 
     python -m benchmarks.edit_time --dataset zsre --T 100 --baseline '{"subject_lead": ""}'
     python -m benchmarks.edit_time --dataset zsre --T 100 --baseline '{"route_subject_names": "off"}'
+    python -m benchmarks.edit_time --dataset zsre --T 100 --baseline '{"batch_size": 10}'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -25,17 +27,18 @@ from .lifelong import SETTINGS
 from .methods import CONFIG_FIELDS
 
 
-def interleaved_edits(
-    editors: dict[str, LEMoEEditor], batches: list[list]
-) -> tuple[dict[str, float], dict[str, list[int]]]:
-    """Edit every batch with each editor, alternating which goes first (so drift in machine load hits all arms);
+def interleaved_edits(editors: dict[str, LEMoEEditor], requests: list) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """Edit ``requests`` with each editor, a group at a time (as many requests as each arm's batches divide evenly),
+    each arm in its own planned batches, alternating which arm goes first (so drift in machine load hits all arms);
     return each editor's total seconds and its steps per batch."""
+    size = math.lcm(*(editor.settings.batch_size for editor in editors.values()))
     seconds = dict.fromkeys(editors, 0.0)
     steps: dict[str, list[int]] = {name: [] for name in editors}
-    for number, batch in enumerate(batches):
+    for number, start in enumerate(range(0, len(requests), size)):
         for name in list(editors)[:: 1 if number % 2 == 0 else -1]:
             started = time.perf_counter()
-            steps[name].append(editors[name].edit_batch(batch)["steps"])
+            for batch in editors[name].plan(requests[start : start + size]):
+                steps[name].append(editors[name].edit_batch(batch)["steps"])
             seconds[name] += time.perf_counter() - started
     return seconds, steps
 
@@ -51,7 +54,7 @@ def compare(dataset: str, T: int, arms: dict[str, dict], cache: Path) -> dict:
         editors[name] = LEMoEEditor(get_peft_model(base, config), tokenizer, **editor_settings)
         editors[name].ensure_calibrated()
     requests = requests_for(dataset, T, tuning=True)
-    seconds, steps = interleaved_edits(editors, next(iter(editors.values())).plan(requests))
+    seconds, steps = interleaved_edits(editors, requests)
     per_edit = {name: s / len(requests) for name, s in seconds.items()}
     first, second = arms
     return {
