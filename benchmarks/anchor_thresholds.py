@@ -1,0 +1,121 @@
+"""Could each anchor take its own threshold? A routing-only measurement on held-out data.
+
+Edit the first T held-out requests with LEMoE's defaults (one training step per batch: with one LEMoE layer, routing
+does not depend on training), then score every anchor at the last prompt token (where greedy generation picks the
+answer's first token) of: rephrases, which should reach their own edit's expert; the data set's negatives, which
+should reach none (KnowEdit ZsRE test: the same subject asked about another relation; CounterFact train: the same
+template asked about another subject); and each edit's subject in the package's relation templates
+(:data:`lemoe_peft.negatives.RELATION_TEMPLATES`), of which every other one sets thresholds and the rest are scored.
+One threshold for every anchor is compared with per-anchor thresholds set ``margin`` above the best score the
+fitting templates reach on the anchor, clipped to [floor, ceiling].
+
+    python -m benchmarks.anchor_thresholds --dataset zsre counterfact --T 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+
+from lemoe_peft.negatives import RELATION_TEMPLATES
+from lemoe_peft.routing import named_subjects, token_counts
+
+from .lifelong import SETTINGS
+from .methods import held_out_lemoe
+
+FIXED = (0.2, 0.3, 0.4, 0.5, 0.6)
+FLOORS, CEILINGS, MARGINS = (0.2, 0.3), (0.5, 0.6), (0.0, 0.05, 0.1)
+
+
+@torch.no_grad()
+def anchor_scores(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """(P, N): every anchor's score at each prompt's last token, -inf where its subject gate is closed."""
+    tuner = model.base_model
+    name = tuner.resolve_adapter(None)
+    (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
+    keys, gated = layer.lemoe_keys[name].float(), layer.lemoe_key_subject[name]
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [p.rstrip() for p in prompts[start : start + batch_size]]
+        tokens = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
+        with tuner.capture_layer_inputs() as captured, model.disable_adapter():
+            model(**tokens, use_cache=False)
+        x, valid = captured[layer_name]
+        named, _ = named_subjects(tokens.input_ids, layer.lemoe_subject_names[name], valid)
+        read, _ = layer.subject_gate(name, x, token_counts(x, valid), valid, named=named)
+        at = (torch.arange(len(chunk)), valid.long().sum(dim=1) - 1)
+        scores = layer.route_queries(name, layer.pooled_queries(name, x, valid)[at]) @ keys.T
+        if read is not None:
+            scores = scores.masked_fill(~((gated < 0) | read[at][:, gated.clamp_min(0)]), float("-inf"))
+        rows.append(scores)
+    return torch.cat(rows)
+
+
+def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> list[float]:
+    """Rephrases reaching their own expert, negatives and scored templates reaching any, at per-anchor thresholds."""
+    passed = scores["rephrase"].masked_fill(scores["rephrase"] < thresholds, float("-inf"))
+    per_expert = passed.new_full((passed.shape[0], int(owners.max()) + 1), float("-inf"))
+    per_expert = per_expert.scatter_reduce(1, owners.expand_as(passed), passed, reduce="amax")
+    best, chosen = per_expert.max(dim=1)
+    reached = (torch.isfinite(best) & (chosen == own)).float().mean()
+    return [
+        round(float(v), 3)
+        for v in (reached, *((scores[k] >= thresholds).any(1).float().mean() for k in ("negative", "scored")))
+    ]
+
+
+def measure(dataset: str, T: int, cache: Path) -> list[str]:
+    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
+    layer = next(iter(method.model.base_model.lemoe_layers("default").values()))
+    owners = layer.lemoe_key_expert["default"]
+    cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
+    negatives = [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth]
+    templates = [(i % 2, t.format(r.subject)) for r in requests if r.subject for i, t in enumerate(RELATION_TEMPLATES)]
+    scores = {
+        "rephrase": anchor_scores(method.model, tokenizer, [p for _, p in cases]),
+        "negative": anchor_scores(method.model, tokenizer, negatives),
+    }
+    template_scores = anchor_scores(method.model, tokenizer, [t for _, t in templates])
+    fitting = torch.tensor([half == 0 for half, _ in templates])
+    scores["scored"] = template_scores[~fitting]
+    ceiling_of_templates = template_scores[fitting].max(dim=0).values
+    own = torch.tensor([experts[i] for i, _ in cases])
+    negative_name = "same subject, other relation" if dataset == "zsre" else "same template, other subject"
+    lines = [
+        f"#### {dataset} (held-out: {len(requests)} edits, {len(owners)} anchors), routed at the last prompt token",
+        "",
+        f"| thresholds | rephrase -> own expert | {negative_name} -> any expert | same subject in unseen relation "
+        "templates -> any expert |",
+        "|---|---:|---:|---:|",
+    ]
+    for value in FIXED:
+        shares = routed_shares(scores, owners, own, torch.full_like(ceiling_of_templates, value))
+        lines.append(f"| {value} for every anchor | " + " | ".join(map(str, shares)) + " |")
+    for floor, ceiling, margin in itertools.product(FLOORS, CEILINGS, MARGINS):
+        thresholds = (ceiling_of_templates + margin).clamp(floor, ceiling)  # -inf (no template opens it): the floor
+        shares = routed_shares(scores, owners, own, thresholds)
+        lines.append(
+            f"| per anchor: templates' best + {margin}, in [{floor}, {ceiling}] | "
+            + " | ".join(map(str, shares))
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
+    parser.add_argument("--T", type=int, default=300)
+    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / "anchor_thresholds.md")
+    args = parser.parse_args()
+    lines = [line for dataset in args.dataset for line in measure(dataset, args.T, args.cache)]
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
