@@ -23,6 +23,7 @@ from .adaptors import RoutedAdaptor
 from .data import load_base, requests_for
 
 EDITOR_FIELDS = {f.name for f in dataclasses.fields(EditorSettings)}
+BASELINE_BATCH_SIZE = 10  # the baselines' stream arrives in batches of 10 edits (as in every round)
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LEMoEConfig)}
 
 
@@ -35,12 +36,14 @@ class Method:
 
     name = "method"
     learning_rate: float | None = None  # the method's own, tuned on held-out data; None: the shared setting
+    batch_size: int | None = None  # the method's own edits per training batch; None: the shared setting
     padding_safe = True  # left-padded batched generation gives the tokens of one prompt at a time
 
     def __init__(self, base: nn.Module, tokenizer, settings: dict[str, Any]) -> None:
         self.base, self.tokenizer = base, tokenizer
         base.requires_grad_(False)  # each method un-freezes exactly what it trains
-        self.settings = {**settings, **({"learning_rate": self.learning_rate} if self.learning_rate else {})}
+        own = {"learning_rate": self.learning_rate, "batch_size": self.batch_size}
+        self.settings = {**settings, **{k: v for k, v in own.items() if v is not None}}
         layer = default_layer_index(base.config.to_dict(), LEMoEConfig().layer_depth)  # LEMoE's default layer
         self.module_name = f"model.layers.{layer}.mlp.down_proj"
         self.model: nn.Module = base
@@ -83,6 +86,7 @@ class FineTuneFFN(Method):
 
     name = "FT-L"
     learning_rate = 1e-3
+    batch_size = BASELINE_BATCH_SIZE
 
     def trainable(self):
         return [self.base.get_submodule(self.module_name).weight]
@@ -93,6 +97,7 @@ class LoRA(Method):
 
     name = "LoRA"
     learning_rate = 1e-3
+    batch_size = BASELINE_BATCH_SIZE
 
     def __init__(self, base, tokenizer, settings) -> None:
         super().__init__(base, tokenizer, settings)
@@ -108,6 +113,7 @@ class ConventionalMoE(Method):
 
     name = "MoE adaptor"
     learning_rate = 1e-2
+    batch_size = BASELINE_BATCH_SIZE
     num_experts = 8
 
     def __init__(self, base, tokenizer, settings) -> None:

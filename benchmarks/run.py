@@ -62,7 +62,7 @@ def run(
         "dataset": dataset,
         "data": f"{(TUNING if tuning else DATASETS)[dataset].name}, first {len(requests)} valid records",
         "T": len(requests),
-        "batch_size": settings["batch_size"],
+        "batch_size": method.settings["batch_size"],
         "seed": settings["seed"],
         "model": MODEL_NAME,
         "settings": method.settings,

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(edit)
     edit.add_argument("--out", required=True, type=Path, help="adapter folder (resumed from if it exists)")
     _add_data_arguments(edit)
-    edit.add_argument("--checkpoint-every", type=int, default=5, help="save the adapter every N batches")
+    edit.add_argument("--checkpoint-every", type=int, default=25, help="save the adapter every N batches")
     edit.add_argument("--no-eval", action="store_true", help="skip the evaluation after editing")
 
     evaluate = commands.add_parser("eval", help="evaluate a saved adapter", **shows_defaults)

@@ -57,7 +57,12 @@ TRAIN_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.fl
 class EditorSettings:
     """How edits are trained. The defaults were chosen on SmolLM2-135M with held-out data (see BENCHMARKS.md)."""
 
-    batch_size: int = dataclasses.field(default=10, metadata={"help": "Edits per expert (one expert per batch)."})
+    batch_size: int = dataclasses.field(
+        default=2,
+        metadata={
+            "help": "Edits per expert (one expert per batch; on held-out data two generalized best under generation)."
+        },
+    )
     max_steps: int = dataclasses.field(default=60, metadata={"help": "Most optimisation steps per batch."})
     learning_rate: float = dataclasses.field(default=3e-2, metadata={"help": "Adam learning rate of each expert."})
     early_stop_loss: float = dataclasses.field(

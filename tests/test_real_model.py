@@ -46,11 +46,11 @@ def unedited_rephrase_gen(smollm2):
 
 @pytest.fixture(scope="module")
 def stream(smollm2, unedited_rephrase_gen, tmp_path_factory):
-    """50 ZsRE edits in 5 batches of 10, saved to disk."""
+    """50 ZsRE edits with the editor's defaults (25 experts of two edits), saved to disk."""
     base, tokenizer = smollm2
     requests = load_edit_requests(ZSRE, limit=50)
     model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
-    report = LEMoEEditor(model, tokenizer, batch_size=10).edit(requests, progress=False)
+    report = LEMoEEditor(model, tokenizer).edit(requests, progress=False)
     folder = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(folder)
     results = evaluate_edits(model, tokenizer, requests)
@@ -64,7 +64,7 @@ def test_tokenizer_ends_turns_with_im_end(smollm2):
 
 def test_a_stream_of_zsre_edits_is_reliable_and_local(stream):
     model, _, requests, report, results, _ = stream
-    assert report.num_edits == 50 and model.peft_config["default"].num_experts == 5
+    assert report.num_edits == 50 and model.peft_config["default"].num_experts == 25
     assert results["rewrite_acc"] >= 0.9
     assert results["locality_acc"] >= 0.9
     assert results["rephrase_acc"] >= 0.7
@@ -119,7 +119,7 @@ def test_generation_writes_the_new_targets(smollm2, stream):
 
 def test_rephrases_reach_their_edits_under_generate(stream, unedited_rephrase_gen):
     results = stream[4]
-    assert results["rephrase_gen_acc"] >= 0.6, "greedy generation answers most rephrased questions with the edit"
+    assert results["rephrase_gen_acc"] >= 0.8, "greedy generation answers most rephrased questions with the edit"
     assert unedited_rephrase_gen <= 0.2, "the unedited model does not give these answers"
 
 
@@ -130,7 +130,7 @@ def _edit_and_evaluate(smollm2, requests, editor: dict | None = None, **config) 
     base, tokenizer = smollm2
     model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", **config))
     try:
-        LEMoEEditor(model, tokenizer, batch_size=10, **(editor or {})).edit(requests, progress=False)
+        LEMoEEditor(model, tokenizer, **(editor or {})).edit(requests, progress=False)
         return evaluate_edits(model, tokenizer, requests)
     finally:
         model.unload()

@@ -99,7 +99,7 @@ def test_the_finetune_and_edit_example_runs_on_a_tiny_model(tmp_path):
     tiny_model().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "facts.json"
-    data.write_text(json.dumps([{"prompt": r.prompt, "target_new": r.target_new} for r in REQUESTS[:3]]))
+    data.write_text(json.dumps([{"prompt": r.prompt, "target_new": r.target_new} for r in REQUESTS[:2]]))
     sys.path.insert(0, str(PROJECT_ROOT / "examples"))
     try:
         from finetune_and_edit import main
