@@ -69,8 +69,9 @@ def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresho
 
 def measure(dataset: str, T: int, cache: Path) -> list[str]:
     method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
-    layer = next(iter(method.model.base_model.lemoe_layers("default").values()))
-    owners = layer.lemoe_key_expert["default"]
+    tuner = method.model.base_model
+    name = tuner.resolve_adapter(None)
+    owners = next(iter(tuner.lemoe_layers(name).values())).lemoe_key_expert[name]
     cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
     negatives = [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth]
     templates = [(i % 2, t.format(r.subject)) for r in requests if r.subject for i, t in enumerate(RELATION_TEMPLATES)]
@@ -81,7 +82,7 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
     template_scores = anchor_scores(method.model, tokenizer, [t for _, t in templates])
     fitting = torch.tensor([half == 0 for half, _ in templates])
     scores["scored"] = template_scores[~fitting]
-    ceiling_of_templates = template_scores[fitting].max(dim=0).values
+    templates_best = template_scores[fitting].max(dim=0).values
     own = torch.tensor([experts[i] for i, _ in cases])
     negative_name = "same subject, other relation" if dataset == "zsre" else "same template, other subject"
     lines = [
@@ -92,10 +93,10 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
         "|---|---:|---:|---:|",
     ]
     for value in FIXED:
-        shares = routed_shares(scores, owners, own, torch.full_like(ceiling_of_templates, value))
+        shares = routed_shares(scores, owners, own, torch.full_like(templates_best, value))
         lines.append(f"| {value} for every anchor | " + " | ".join(map(str, shares)) + " |")
     for floor, ceiling, margin in itertools.product(FLOORS, CEILINGS, MARGINS):
-        thresholds = (ceiling_of_templates + margin).clamp(floor, ceiling)  # -inf (no template opens it): the floor
+        thresholds = (templates_best + margin).clamp(floor, ceiling)  # -inf (no template opens it): the floor
         shares = routed_shares(scores, owners, own, thresholds)
         lines.append(
             f"| per anchor: templates' best + {margin}, in [{floor}, {ceiling}] | "
