@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lemoe_peft.negatives import RELATION_TEMPLATES
-from lemoe_peft.routing import named_subjects, token_counts
+from lemoe_peft.routing import experts_from_scores
 
 from .lifelong import SETTINGS
 from .methods import held_out_lemoe
@@ -36,7 +36,6 @@ def anchor_scores(model, tokenizer, prompts: list[str], batch_size: int = 32) ->
     tuner = model.base_model
     name = tuner.resolve_adapter(None)
     (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
-    keys, gated = layer.lemoe_keys[name].float(), layer.lemoe_key_subject[name]
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = [p.rstrip() for p in prompts[start : start + batch_size]]
@@ -44,23 +43,16 @@ def anchor_scores(model, tokenizer, prompts: list[str], batch_size: int = 32) ->
         with tuner.capture_layer_inputs() as captured, model.disable_adapter():
             model(**tokens, use_cache=False)
         x, valid = captured[layer_name]
-        named, _ = named_subjects(tokens.input_ids, layer.lemoe_subject_names[name], valid)
-        read, _ = layer.subject_gate(name, x, token_counts(x, valid), valid, named=named)
         at = (torch.arange(len(chunk)), valid.long().sum(dim=1) - 1)
-        scores = layer.route_queries(name, layer.pooled_queries(name, x, valid)[at]) @ keys.T
-        if read is not None:
-            scores = scores.masked_fill(~((gated < 0) | read[at][:, gated.clamp_min(0)]), float("-inf"))
-        rows.append(scores)
+        rows.append(layer.anchor_scores(name, x, valid, tokens.input_ids)[at])
     return torch.cat(rows)
 
 
 def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> list[float]:
     """Rephrases reaching their own expert, negatives and scored templates reaching any, at per-anchor thresholds."""
     passed = scores["rephrase"].masked_fill(scores["rephrase"] < thresholds, float("-inf"))
-    per_expert = passed.new_full((passed.shape[0], int(owners.max()) + 1), float("-inf"))
-    per_expert = per_expert.scatter_reduce(1, owners.expand_as(passed), passed, reduce="amax")
-    best, chosen = per_expert.max(dim=1)
-    reached = (torch.isfinite(best) & (chosen == own)).float().mean()
+    experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
+    reached = (experts[:, 0] == own).float().mean()
     return [
         round(float(v), 3)
         for v in (reached, *((scores[k] >= thresholds).any(1).float().mean() for k in ("negative", "scored")))

@@ -40,8 +40,9 @@ def describe_adapter(config: LEMoEConfig) -> dict[str, Any]:
 def which_expert(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompt: str, adapter_name: str | None = None
 ) -> dict[str, Any]:
-    """Route ``prompt`` and report, per LEMoE layer, the expert chosen at its last token with the best anchor score,
-    plus the logged edit that holds this exact prompt, if any."""
+    """Route ``prompt`` and report, per LEMoE layer, the expert chosen at its last token with its best anchor score
+    and the best score of any anchor, subject gate aside (``nearest_anchor``), plus the logged edit that holds this
+    exact prompt, if any."""
     tuner = model.base_model
     name = tuner.resolve_adapter(adapter_name)
     tokens = tokenizer(prompt, return_tensors="pt").to(input_device(model))
@@ -49,15 +50,18 @@ def which_expert(
         model(**tokens, use_cache=False)
     layers = {}
     for layer_name, layer in tuner.lemoe_layers(name).items():
-        pooled = layer.pooled_queries(name, *captured[layer_name])[:, -1]
-        experts, _ = layer.route_sequences(name, *captured[layer_name], tokens.input_ids)
-        experts = experts[:, -1]
-        scores = layer.route_queries(name, pooled) @ layer.lemoe_keys[name].float().T
+        x, valid = captured[layer_name]
+        experts, _ = layer.route_sequences(name, x, valid, tokens.input_ids)
+        chosen = int(experts[0, -1, 0]) if experts.numel() else -1
+        scores = layer.anchor_scores(name, x, valid, tokens.input_ids)[0, -1]
+        query = layer.route_queries(name, layer.pooled_queries(name, x, valid)[0, -1])
+        ungated = query @ layer.lemoe_keys[name].float().T
         owner = layer.lemoe_key_expert[name]
-        chosen = int(experts[0, 0]) if experts.numel() else -1
-        best = float(scores[0, owner == chosen].max()) if chosen >= 0 else None
-        nearest = float(scores.max()) if scores.numel() else None
-        layers[layer_name] = {"expert": chosen if chosen >= 0 else None, "score": best, "nearest_anchor": nearest}
+        layers[layer_name] = {
+            "expert": chosen if chosen >= 0 else None,
+            "score": float(scores[owner == chosen].max()) if chosen >= 0 else None,
+            "nearest_anchor": float(ungated.max()) if ungated.numel() else None,
+        }
     holders = [
         batch["expert"]
         for batch in model.peft_config[name].edit_log

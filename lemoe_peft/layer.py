@@ -501,11 +501,30 @@ class LEMoELayer(BaseTunerLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them
         (``ids`` (B, T): their input ids, where subject names are read; None: keys only)."""
+        read = self._subjects_read(adapter_name, x, valid, ids)
+        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
+
+    def anchor_scores(
+        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every anchor's score (B, T, N) at each token of whole sequences ``x`` (B, T, d_in), -inf where the
+        anchor's subject has not been read yet; thresholds are not applied (:meth:`route_sequences` routes)."""
+        read = self._subjects_read(adapter_name, x, valid, ids)
+        queries = self.route_queries(adapter_name, self.pooled_queries(adapter_name, x, valid))
+        scores = queries @ self.lemoe_keys[adapter_name].float().T
+        if read is None:
+            return scores
+        gated = self.lemoe_key_subject[adapter_name]
+        return scores.masked_fill(~((gated < 0) | read[..., gated.clamp_min(0)]), float("-inf"))
+
+    def _subjects_read(
+        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None, ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """:meth:`subject_gate`'s subjects read (B, T, S) for whole sequences, names read from ``ids`` if given."""
         named = None
         if ids is not None and self.lemoe_settings[adapter_name].subject_names != "off":
             named, _ = named_subjects(ids, self.lemoe_subject_names[adapter_name], valid)
-        read, _ = self.subject_gate(adapter_name, x, token_counts(x, valid), valid, named=named)
-        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
+        return self.subject_gate(adapter_name, x, token_counts(x, valid), valid, named=named)[0]
 
     def _route_call(
         self, adapter_name: str, x: torch.Tensor, call: dict[str, Any], context: CallContext | None

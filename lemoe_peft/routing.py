@@ -200,17 +200,26 @@ def select_experts(
     temperature: float,
     allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route each query (..., d) to at most ``top_k`` experts.
+    """Route each query (..., d) to at most ``top_k`` experts by its scores on the anchor ``keys`` (N, d).
 
-    An expert's score is the best score of its anchor keys that reach their threshold (and, where ``allowed``
-    (..., N) is given, that it allows); experts with no such key are not candidates, and a query with no candidate
-    keeps the base FFN's output. On equal scores the newest expert wins, so re-editing a fact overrides the earlier
-    edit. Returns expert indices (..., k), -1 where none, and mixing weights (..., k) that sum to 1 over the chosen
-    experts.
+    A key counts where its score reaches its threshold and, where ``allowed`` (..., N) is given, where it allows;
+    the rest is :func:`experts_from_scores`.
     """
     scores = queries @ keys.T
     blocked = scores < key_threshold if allowed is None else (scores < key_threshold) | ~allowed
-    scores = scores.masked_fill(blocked, float("-inf"))
+    return experts_from_scores(scores.masked_fill(blocked, float("-inf")), key_expert, num_experts, top_k, temperature)
+
+
+def experts_from_scores(
+    scores: torch.Tensor, key_expert: torch.Tensor, num_experts: int, top_k: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most ``top_k`` experts for anchor scores (..., N), -inf where an anchor may not serve.
+
+    An expert's score is the best score of its anchors; experts with only -inf are not candidates, and a query
+    with no candidate keeps the base FFN's output. On equal scores the newest expert wins, so re-editing a fact
+    overrides the earlier edit. Returns expert indices (..., k), -1 where none, and mixing weights (..., k) that
+    sum to 1 over the chosen experts.
+    """
     per_expert = scores.new_full((*scores.shape[:-1], num_experts), float("-inf"))
     per_expert = per_expert.scatter_reduce(-1, key_expert.expand_as(scores), scores, reduce="amax")
     newest_first = per_expert.flip(-1)  # max and a stable sort then keep the newest of equal scores first

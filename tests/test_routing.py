@@ -7,6 +7,7 @@ from peft import get_peft_model
 from lemoe_peft import LEMoEConfig
 from lemoe_peft.routing import (
     causal_mean,
+    experts_from_scores,
     named_subjects,
     route_projection,
     select_experts,
@@ -332,20 +333,41 @@ def test_a_subject_is_read_through_any_of_its_keys(alias):
     assert torch.equal(layer.route_sequences("default", inputs)[0], experts - 1 + (experts < 0).long())
 
 
-def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(monkeypatch):
+def _seven_experts_and_a_text():
+    """Six gated experts and one ungated, and a text that names one of the six subjects: the layer, the text's
+    layer inputs and padding mask, and its ids."""
     model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
-    for seed in range(6):  # six gated experts, one ungated: most anchors' subjects are not in the text below
+    for seed in range(6):  # most anchors' subjects are not in the text below
         give_expert(model, token_batch(1, 7, seed=40 + seed), subject_position=2 + seed % 4)
     give_expert(model, token_batch(1, 5, seed=60))
     text = torch.cat([token_batch(1, 7, seed=43), token_batch(1, 5, seed=60)], dim=1)
     with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
         model(input_ids=text)
     ((name, layer),) = model.base_model.lemoe_layers().items()
-    sparse = layer.route_sequences("default", *captured[name])
+    return layer, captured[name], text
+
+
+def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(monkeypatch):
+    layer, inputs, _ = _seven_experts_and_a_text()
+    sparse = layer.route_sequences("default", *inputs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the dense path torch.compile traces
-    dense = layer.route_sequences("default", *captured[name])
+    dense = layer.route_sequences("default", *inputs)
     assert all(torch.equal(a, b) for a, b in zip(sparse, dense, strict=True))
     assert (sparse[0] >= 0).any() and (sparse[0] == -1).any(), "the text reaches some experts, not all tokens"
+
+
+def test_gated_anchor_scores_reduced_per_expert_route_like_a_forward_pass():
+    layer, inputs, text = _seven_experts_and_a_text()
+    scores = layer.anchor_scores("default", *inputs, text)
+    passed = scores.masked_fill(scores < layer.lemoe_key_threshold["default"], float("-inf"))
+    settings = layer.lemoe_settings["default"]
+    experts = experts_from_scores(
+        passed, layer.lemoe_key_expert["default"], layer.num_experts("default"), settings.top_k, settings.temperature
+    )
+    routed = layer.route_sequences("default", *inputs, text)
+    assert all(torch.equal(a, b) for a, b in zip(experts, routed, strict=True))
+    closed = torch.isinf(scores[0, -1]) & (layer.lemoe_key_subject["default"] >= 0)
+    assert closed.any() and torch.isfinite(scores[0, -1]).any(), "the gate closes the anchors of unread subjects"
 
 
 def test_keys_live_in_a_space_of_route_key_dim_dimensions():
