@@ -23,8 +23,8 @@ from .adaptors import RoutedAdaptor
 from .data import load_base, requests_for
 
 EDITOR_FIELDS = {f.name for f in dataclasses.fields(EditorSettings)}
-BASELINE_BATCH_SIZE = 10  # the baselines' stream arrives in batches of 10 edits (as in every round)
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(LEMoEConfig)}
+BASELINE_BATCH_SIZE = 10  # the baselines' stream arrives in batches of 10 edits (as in every round)
 
 
 def tensor_bytes(tensors) -> int:
