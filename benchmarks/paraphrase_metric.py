@@ -1,0 +1,156 @@
+"""Could routing compare queries in a metric that ignores wording? A routing-only measurement on held-out data.
+
+The routing space whitens queries against generic text. This probe whitens them once more against the scatter of
+*paraphrase pairs* (two wordings of one question), ``M = (S + lam * mean eig(S) * I)^(-1/2)``, so that directions in
+which paraphrases differ count less; queries and anchor keys are both mapped by ``M`` and scored by cosine. ``S`` is
+fitted on one of: held-out rephrase pairs of KnowEdit ZsRE (test-all records 1000-1303), of CounterFact (train records
+1000-2999), or wordings written here (a relation asked in four ways about made-up subjects), the only kind a package
+could ship. Edits, rephrases and negatives are those of :mod:`benchmarks.anchor_thresholds` (the first T held-out
+requests, LEMoE's defaults, routed at the last prompt token); the fitting records are disjoint from them.
+
+    python -m benchmarks.paraphrase_metric --dataset zsre counterfact --T 300
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lemoe_peft.negatives import RELATION_TEMPLATES
+from lemoe_peft.routing import experts_from_scores
+
+from .data import requests_for
+from .lifelong import SETTINGS
+from .methods import held_out_lemoe
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+SHRINKAGE = (0.1, 1.0)
+# one relation per row, asked in four ways; {} is the subject
+WORDINGS = (
+    ("{} was born in", "The birthplace of {} is", "Where was {} born?", "{} came into the world in the city of"),
+    ("{} is located in", "Where is {} located?", "The location of {} is", "{} can be found in"),
+    ("{} works for", "The employer of {} is", "Who does {} work for?", "{} is employed by"),
+    ("The occupation of {} is", "What does {} do for a living?", "{} works as a", "By profession, {} is a"),
+    ("{} was founded in", "When was {} founded?", "The founding year of {} is", "{} was established in"),
+    ("{} died in", "Where did {} die?", "The place of death of {} is", "{} passed away in"),
+    ("Who founded {}?", "The founder of {} is", "{} was founded by", "{} was started by"),
+    ("The mother tongue of {} is", "{} spoke the language", "What is the native language of {}?", "{} first spoke"),
+    ("The capital of {} is", "What is the capital of {}?", "{}'s capital city is", "The seat of government of {} is"),
+    ("Which position does {} play?", "{} plays the position of", "On the team, {} plays as", "{} is a player in the"),
+    ("The genre of {} is", "What genre is {}?", "{} belongs to the genre of", "{} is a work in the genre"),
+    ("Who wrote {}?", "The author of {} is", "{} was written by", "The writer of {} is"),
+)
+SUBJECTS = (
+    "Marta Kowalczyk", "Johan Brenner", "Aiko Tanabe", "the Velmar Institute", "Port Aldric", "Rivera Motors",
+    "Lake Osmund", "Kristof Halvorsen", "the Northgate Symphony", "Bellmont", "Sir Edwin Crale", "Tavora",
+    "Nadia El-Sayed", "the Corvin Library", "Hollins Park", "Pieter de Wulf", "Esmeralda Ruiz", "Fjordvik",
+    "Grayson Holt", "Kestrel Games",
+)  # fmt: skip
+
+
+@torch.no_grad()
+def queries_and_gates(model, tokenizer, prompts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing queries (P, k) at each prompt's last token, and which anchors (P, N) their subject gates open."""
+    tuner = model.base_model
+    name = tuner.resolve_adapter(None)
+    (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
+    queries, gates = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [p.rstrip() for p in prompts[start : start + batch_size]]
+        tokens = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
+        with tuner.capture_layer_inputs() as captured, model.disable_adapter():
+            model(**tokens, use_cache=False)
+        x, valid = captured[layer_name]
+        at = (torch.arange(len(chunk)), valid.long().sum(dim=1) - 1)
+        queries.append(layer.route_queries(name, layer.pooled_queries(name, x, valid)[at]))
+        gates.append(torch.isfinite(layer.anchor_scores(name, x, valid, tokens.input_ids)[at]))
+    return torch.cat(queries), torch.cat(gates)
+
+
+def paraphrase_scatter(model, tokenizer, source: str) -> torch.Tensor:
+    """(k, k) second moment of the differences between paraphrases in the routing space."""
+    if source == "wordings":
+        groups = [[w.format(s) for w in relation] for relation in WORDINGS for s in SUBJECTS]
+        queries, _ = queries_and_gates(model, tokenizer, [p for group in groups for p in group])
+        grouped = queries.reshape(len(groups), len(WORDINGS[0]), -1)
+        differences = (grouped - grouped.mean(dim=1, keepdim=True)).flatten(0, 1)
+    else:
+        records = [r for r in requests_for(source, 3000, tuning=True)[1000:] if r.rephrase_prompts]
+        prompts, _ = queries_and_gates(model, tokenizer, [r.prompt for r in records])
+        rephrases, _ = queries_and_gates(model, tokenizer, [r.rephrase_prompts[0] for r in records])
+        differences = prompts - rephrases
+    differences = differences.double()
+    return differences.T @ differences / len(differences)
+
+
+def shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, threshold: float) -> list[float]:
+    """Rephrases reaching their own expert, negatives and same-subject templates reaching any expert."""
+    passed = scores["rephrase"].masked_fill(scores["rephrase"] < threshold, float("-inf"))
+    experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
+    return [
+        round(float(v), 3)
+        for v in (
+            (experts[:, 0] == own).float().mean(),
+            *((scores[k] >= threshold).any(1).float().mean() for k in ("negative", "templates")),
+        )
+    ]
+
+
+def measure(dataset: str, T: int, cache: Path) -> list[str]:
+    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
+    model = method.model
+    tuner = model.base_model
+    name = tuner.resolve_adapter(None)
+    layer = next(iter(tuner.lemoe_layers(name).values()))
+    keys, owners = layer.lemoe_keys[name].float(), layer.lemoe_key_expert[name]
+    cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
+    prompts = {
+        "rephrase": [p for _, p in cases],
+        "negative": [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth],
+        "templates": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
+    }
+    routed = {kind: queries_and_gates(model, tokenizer, texts) for kind, texts in prompts.items()}
+    own = torch.tensor([experts[i] for i, _ in cases])
+    metrics = {"none (the routing space as it is)": torch.eye(keys.shape[1])}
+    for source in ("zsre", "counterfact", "wordings"):
+        eigenvalues, vectors = torch.linalg.eigh(paraphrase_scatter(model, tokenizer, source))
+        for shrinkage in SHRINKAGE:
+            inverse_root = (eigenvalues + shrinkage * eigenvalues.mean()).rsqrt()
+            metrics[f"{source} pairs, lam {shrinkage}"] = ((vectors * inverse_root) @ vectors.T).float()
+    negative_name = "same subject, other relation" if dataset == "zsre" else "same template, other subject"
+    lines = [
+        f"#### {dataset} (held-out: {len(requests)} edits, {len(owners)} anchors), routed at the last prompt token",
+        "",
+        f"| paraphrase scatter | threshold | rephrase -> own expert | {negative_name} -> any expert | same subject in "
+        "relation templates -> any expert |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, metric in metrics.items():
+        mapped_keys = F.normalize(keys @ metric, dim=-1)
+        scores = {
+            kind: (F.normalize(queries @ metric, dim=-1) @ mapped_keys.T).masked_fill(~gates, float("-inf"))
+            for kind, (queries, gates) in routed.items()
+        }
+        for threshold in THRESHOLDS:
+            values = shares(scores, owners, own, threshold)
+            lines.append(f"| {label} | {threshold} | " + " | ".join(map(str, values)) + " |")
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
+    parser.add_argument("--T", type=int, default=300)
+    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / "paraphrase_metric.md")
+    args = parser.parse_args()
+    lines = [line for dataset in args.dataset for line in measure(dataset, args.T, args.cache)]
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
