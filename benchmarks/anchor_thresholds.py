@@ -31,12 +31,13 @@ FLOORS, CEILINGS, MARGINS = (0.2, 0.3), (0.5, 0.6), (0.0, 0.05, 0.1)
 
 
 @torch.no_grad()
-def anchor_scores(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """(P, N): every anchor's score at each prompt's last token, -inf where its subject gate is closed."""
+def last_token_routing(model, tokenizer, prompts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's routing query at its last token (P, k), and every anchor's score there (P, N), -inf where the
+    anchor's subject gate is closed."""
     tuner = model.base_model
     name = tuner.resolve_adapter(None)
     (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
-    rows = []
+    queries, scores = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = [p.rstrip() for p in prompts[start : start + batch_size]]
         tokens = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
@@ -44,12 +45,14 @@ def anchor_scores(model, tokenizer, prompts: list[str], batch_size: int = 32) ->
             model(**tokens, use_cache=False)
         x, valid = captured[layer_name]
         at = (torch.arange(len(chunk)), valid.long().sum(dim=1) - 1)
-        rows.append(layer.anchor_scores(name, x, valid, tokens.input_ids)[at])
-    return torch.cat(rows)
+        queries.append(layer.route_queries(name, layer.pooled_queries(name, x, valid)[at]))
+        scores.append(layer.anchor_scores(name, x, valid, tokens.input_ids)[at])
+    return torch.cat(queries), torch.cat(scores)
 
 
 def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> list[float]:
-    """Rephrases reaching their own expert, negatives and scored templates reaching any, at per-anchor thresholds."""
+    """Rephrases reaching their own expert, negatives and scored templates reaching any, at ``thresholds`` (one per
+    anchor, or one for all)."""
     passed = scores["rephrase"].masked_fill(scores["rephrase"] < thresholds, float("-inf"))
     experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
     reached = (experts[:, 0] == own).float().mean()
@@ -68,10 +71,10 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
     negatives = [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth]
     templates = [(i % 2, t.format(r.subject)) for r in requests if r.subject for i, t in enumerate(RELATION_TEMPLATES)]
     scores = {
-        "rephrase": anchor_scores(method.model, tokenizer, [p for _, p in cases]),
-        "negative": anchor_scores(method.model, tokenizer, negatives),
+        "rephrase": last_token_routing(method.model, tokenizer, [p for _, p in cases])[1],
+        "negative": last_token_routing(method.model, tokenizer, negatives)[1],
     }
-    template_scores = anchor_scores(method.model, tokenizer, [t for _, t in templates])
+    template_scores = last_token_routing(method.model, tokenizer, [t for _, t in templates])[1]
     fitting = torch.tensor([half == 0 for half, _ in templates])
     scores["scored"] = template_scores[~fitting]
     templates_best = template_scores[fitting].max(dim=0).values

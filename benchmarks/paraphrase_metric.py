@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from lemoe_peft.negatives import RELATION_TEMPLATES
-from lemoe_peft.routing import experts_from_scores
 
+from .anchor_thresholds import last_token_routing, routed_shares
 from .data import requests_for
 from .lifelong import SETTINGS
 from .methods import held_out_lemoe
@@ -51,52 +51,20 @@ SUBJECTS = (
 )  # fmt: skip
 
 
-@torch.no_grad()
-def queries_and_gates(model, tokenizer, prompts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing queries (P, k) at each prompt's last token, and which anchors (P, N) their subject gates open."""
-    tuner = model.base_model
-    name = tuner.resolve_adapter(None)
-    (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
-    queries, gates = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [p.rstrip() for p in prompts[start : start + batch_size]]
-        tokens = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
-        with tuner.capture_layer_inputs() as captured, model.disable_adapter():
-            model(**tokens, use_cache=False)
-        x, valid = captured[layer_name]
-        at = (torch.arange(len(chunk)), valid.long().sum(dim=1) - 1)
-        queries.append(layer.route_queries(name, layer.pooled_queries(name, x, valid)[at]))
-        gates.append(torch.isfinite(layer.anchor_scores(name, x, valid, tokens.input_ids)[at]))
-    return torch.cat(queries), torch.cat(gates)
-
-
 def paraphrase_scatter(model, tokenizer, source: str) -> torch.Tensor:
     """(k, k) second moment of the differences between paraphrases in the routing space."""
     if source == "wordings":
         groups = [[w.format(s) for w in relation] for relation in WORDINGS for s in SUBJECTS]
-        queries, _ = queries_and_gates(model, tokenizer, [p for group in groups for p in group])
+        queries, _ = last_token_routing(model, tokenizer, [p for group in groups for p in group])
         grouped = queries.reshape(len(groups), len(WORDINGS[0]), -1)
         differences = (grouped - grouped.mean(dim=1, keepdim=True)).flatten(0, 1)
     else:
         records = [r for r in requests_for(source, 3000, tuning=True)[1000:] if r.rephrase_prompts]
-        prompts, _ = queries_and_gates(model, tokenizer, [r.prompt for r in records])
-        rephrases, _ = queries_and_gates(model, tokenizer, [r.rephrase_prompts[0] for r in records])
+        prompts, _ = last_token_routing(model, tokenizer, [r.prompt for r in records])
+        rephrases, _ = last_token_routing(model, tokenizer, [r.rephrase_prompts[0] for r in records])
         differences = prompts - rephrases
     differences = differences.double()
     return differences.T @ differences / len(differences)
-
-
-def shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, threshold: float) -> list[float]:
-    """Rephrases reaching their own expert, negatives and same-subject templates reaching any expert."""
-    passed = scores["rephrase"].masked_fill(scores["rephrase"] < threshold, float("-inf"))
-    experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
-    return [
-        round(float(v), 3)
-        for v in (
-            (experts[:, 0] == own).float().mean(),
-            *((scores[k] >= threshold).any(1).float().mean() for k in ("negative", "templates")),
-        )
-    ]
 
 
 def measure(dataset: str, T: int, cache: Path) -> list[str]:
@@ -110,9 +78,10 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
     prompts = {
         "rephrase": [p for _, p in cases],
         "negative": [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth],
-        "templates": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
+        "scored": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
     }
-    routed = {kind: queries_and_gates(model, tokenizer, texts) for kind, texts in prompts.items()}
+    routed = {kind: last_token_routing(model, tokenizer, texts) for kind, texts in prompts.items()}
+    gates = {kind: torch.isfinite(scores) for kind, (_, scores) in routed.items()}
     own = torch.tensor([experts[i] for i, _ in cases])
     metrics = {"none (the routing space as it is)": torch.eye(keys.shape[1])}
     for source in ("zsre", "counterfact", "wordings"):
@@ -131,11 +100,11 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
     for label, metric in metrics.items():
         mapped_keys = F.normalize(keys @ metric, dim=-1)
         scores = {
-            kind: (F.normalize(queries @ metric, dim=-1) @ mapped_keys.T).masked_fill(~gates, float("-inf"))
-            for kind, (queries, gates) in routed.items()
+            kind: (F.normalize(queries @ metric, dim=-1) @ mapped_keys.T).masked_fill(~gates[kind], float("-inf"))
+            for kind, (queries, _) in routed.items()
         }
         for threshold in THRESHOLDS:
-            values = shares(scores, owners, own, threshold)
+            values = routed_shares(scores, owners, own, torch.tensor(threshold))
             lines.append(f"| {label} | {threshold} | " + " | ".join(map(str, values)) + " |")
     return [*lines, ""]
 
