@@ -73,7 +73,11 @@ def test_inspect_names_the_expert_holding_a_fact(edited):
     )
     result = which_expert(model, tiny_tokenizer(), "who wrote hamlet")
     assert result["edited_in_expert"] == expert
-    assert [route["expert"] for route in result["layers"].values()] == [expert]
+    (route,) = result["layers"].values()
+    assert route["expert"] == expert
+    (layer,) = model.base_model.lemoe_layers().values()
+    thresholds = layer.lemoe_key_threshold["default"]
+    assert float(thresholds.min()) <= route["score"] <= route["nearest_anchor"] + 1e-6, "an open anchor, above its bar"
 
 
 def test_inspect_before_any_edit_names_no_expert():
