@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,29 +64,47 @@ def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresho
     ]
 
 
-def measure(dataset: str, T: int, cache: Path) -> list[str]:
+def held_out_routing(
+    dataset: str, T: int, cache: Path
+) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor], torch.Tensor, str]:
+    """The first ``T`` held-out requests edited with LEMoE's defaults (one step per batch: routing does not depend on
+    training), and at each prompt's last token the routing query and gated anchor scores
+    (:func:`last_token_routing`) of: rephrases, the data set's negatives, and each edit's subject in every relation
+    template. Returns the method, those per kind, the anchor keys and their experts, each rephrase's own expert, and
+    the table heading."""
     method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
+    cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
+    prompts = {
+        "rephrase": [p for _, p in cases],
+        "negative": [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth],
+        "templates": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
+    }
+    routed = {kind: last_token_routing(method.model, tokenizer, texts) for kind, texts in prompts.items()}
+    own = torch.tensor([experts[i] for i, _ in cases])
     tuner = method.model.base_model
     name = tuner.resolve_adapter(None)
-    owners = next(iter(tuner.lemoe_layers(name).values())).lemoe_key_expert[name]
-    cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
-    negatives = [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth]
-    templates = [(i % 2, t.format(r.subject)) for r in requests if r.subject for i, t in enumerate(RELATION_TEMPLATES)]
-    scores = {
-        "rephrase": last_token_routing(method.model, tokenizer, [p for _, p in cases])[1],
-        "negative": last_token_routing(method.model, tokenizer, negatives)[1],
-    }
-    template_scores = last_token_routing(method.model, tokenizer, [t for _, t in templates])[1]
-    fitting = torch.tensor([half == 0 for half, _ in templates])
-    scores["scored"] = template_scores[~fitting]
+    layer = next(iter(tuner.lemoe_layers(name).values()))
+    keys, owners = layer.lemoe_keys[name].float(), layer.lemoe_key_expert[name]
+    heading = f"#### {dataset} (held-out: {len(requests)} edits, {len(owners)} anchors), routed at the last prompt "
+    heading += "token"
+    return method, routed, (keys, owners), own, heading
+
+
+def negative_name(dataset: str) -> str:
+    return "same subject, other relation" if dataset == "zsre" else "same template, other subject"
+
+
+def measure(dataset: str, T: int, cache: Path) -> list[str]:
+    _, routed, (_, owners), own, heading = held_out_routing(dataset, T, cache)
+    template_scores = routed["templates"][1]
+    fitting = torch.arange(len(template_scores)) % len(RELATION_TEMPLATES) % 2 == 0  # every other template fits
+    scores = {"rephrase": routed["rephrase"][1], "negative": routed["negative"][1], "scored": template_scores[~fitting]}
     templates_best = template_scores[fitting].max(dim=0).values
-    own = torch.tensor([experts[i] for i, _ in cases])
-    negative_name = "same subject, other relation" if dataset == "zsre" else "same template, other subject"
     lines = [
-        f"#### {dataset} (held-out: {len(requests)} edits, {len(owners)} anchors), routed at the last prompt token",
+        heading,
         "",
-        f"| thresholds | rephrase -> own expert | {negative_name} -> any expert | same subject in unseen relation "
-        "templates -> any expert |",
+        f"| thresholds | rephrase -> own expert | {negative_name(dataset)} -> any expert | same subject in unseen "
+        "relation templates -> any expert |",
         "|---|---:|---:|---:|",
     ]
     for value in FIXED:
@@ -101,12 +121,13 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
     return [*lines, ""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_cli(measure: Callable[[str, int, Path], list[str]], description: str, out: str) -> None:
+    """Measure each ``--dataset`` and write the tables to ``--out`` (default ``benchmarks/results/routing/<out>``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=300)
     parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / "anchor_thresholds.md")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / out)
     args = parser.parse_args()
     lines = [line for dataset in args.dataset for line in measure(dataset, args.T, args.cache)]
     args.out.write_text("\n".join(lines))
@@ -114,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(measure, __doc__, "anchor_thresholds.md")

@@ -13,18 +13,13 @@ requests, LEMoE's defaults, routed at the last prompt token); the fitting record
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lemoe_peft.negatives import RELATION_TEMPLATES
-
-from .anchor_thresholds import last_token_routing, routed_shares
+from .anchor_thresholds import held_out_routing, last_token_routing, negative_name, routed_shares, run_cli
 from .data import requests_for
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 SHRINKAGE = (0.1, 1.0)
@@ -68,33 +63,20 @@ def paraphrase_scatter(model, tokenizer, source: str) -> torch.Tensor:
 
 
 def measure(dataset: str, T: int, cache: Path) -> list[str]:
-    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
-    model = method.model
-    tuner = model.base_model
-    name = tuner.resolve_adapter(None)
-    layer = next(iter(tuner.lemoe_layers(name).values()))
-    keys, owners = layer.lemoe_keys[name].float(), layer.lemoe_key_expert[name]
-    cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
-    prompts = {
-        "rephrase": [p for _, p in cases],
-        "negative": [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth],
-        "scored": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
-    }
-    routed = {kind: last_token_routing(model, tokenizer, texts) for kind, texts in prompts.items()}
+    method, routed, (keys, owners), own, heading = held_out_routing(dataset, T, cache)
+    model, tokenizer = method.model, method.tokenizer
     gates = {kind: torch.isfinite(scores) for kind, (_, scores) in routed.items()}
-    own = torch.tensor([experts[i] for i, _ in cases])
     metrics = {"none (the routing space as it is)": torch.eye(keys.shape[1])}
     for source in ("zsre", "counterfact", "wordings"):
         eigenvalues, vectors = torch.linalg.eigh(paraphrase_scatter(model, tokenizer, source))
         for shrinkage in SHRINKAGE:
             inverse_root = (eigenvalues + shrinkage * eigenvalues.mean()).rsqrt()
             metrics[f"{source} pairs, lam {shrinkage}"] = ((vectors * inverse_root) @ vectors.T).float()
-    negative_name = "same subject, other relation" if dataset == "zsre" else "same template, other subject"
     lines = [
-        f"#### {dataset} (held-out: {len(requests)} edits, {len(owners)} anchors), routed at the last prompt token",
+        heading,
         "",
-        f"| paraphrase scatter | threshold | rephrase -> own expert | {negative_name} -> any expert | same subject in "
-        "relation templates -> any expert |",
+        f"| paraphrase scatter | threshold | rephrase -> own expert | {negative_name(dataset)} -> any expert | "
+        "same subject in relation templates -> any expert |",
         "|---|---:|---:|---:|---:|",
     ]
     for label, metric in metrics.items():
@@ -103,23 +85,12 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
             kind: (F.normalize(queries @ metric, dim=-1) @ mapped_keys.T).masked_fill(~gates[kind], float("-inf"))
             for kind, (queries, _) in routed.items()
         }
+        scores["scored"] = scores.pop("templates")  # every template is scored here
         for threshold in THRESHOLDS:
             values = routed_shares(scores, owners, own, torch.tensor(threshold))
             lines.append(f"| {label} | {threshold} | " + " | ".join(map(str, values)) + " |")
     return [*lines, ""]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
-    parser.add_argument("--T", type=int, default=300)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / "paraphrase_metric.md")
-    args = parser.parse_args()
-    lines = [line for dataset in args.dataset for line in measure(dataset, args.T, args.cache)]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(measure, __doc__, "paraphrase_metric.md")
