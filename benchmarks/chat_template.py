@@ -1,0 +1,116 @@
+"""Do edits hold when the question comes through the tokenizer's chat template, as users of an instruct model ask it?
+
+Edit the first T held-out requests (LEMoE, the benchmark's settings) and greedily generate 24 tokens after each edit
+prompt, its first rephrase and its locality probes, each once as the raw text the benchmark uses and once wrapped in
+the chat template (``apply_chat_template(..., add_generation_prompt=True)``). A chat answer is a sentence ("The head
+of government of Munich was ..."), so an edit counts as answered when the target appears in the 24 tokens at word
+boundaries (the same rule for both forms, and for the unedited model, which should not name the new target);
+locality: the first 8 new tokens equal the unedited model's on the same form. Run once with the edits written as raw
+prompts (the benchmark's protocol), once with them written in the chat form (what a user could do today).
+
+    python -m benchmarks.chat_template --dataset zsre --T 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from lemoe_peft import EditRequest
+from lemoe_peft.edit_log import write_json_atomic
+from lemoe_peft.generation import greedy_token_continuations
+
+from .lifelong import SETTINGS
+from .methods import held_out_lemoe
+
+NEW_TOKENS, LOCALITY_TOKENS = 24, 8
+SCORES = ("rewrite", "rewrite_unedited", "rephrase", "rephrase_unedited", "locality_other")
+
+
+def mentions(text: str, target: str) -> bool:
+    """Whether ``target`` appears in ``text`` at word boundaries, case and whitespace aside."""
+    pattern = r"(?<!\w)" + re.escape(" ".join(target.lower().split())) + r"(?!\w)"
+    return re.search(pattern, " ".join(text.lower().split())) is not None
+
+
+def _rows(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    if not chat:
+        return [tokenizer(p.rstrip()).input_ids for p in prompts]
+    return [tokenizer(_chat_text(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+
+
+def _generate(model, tokenizer, prompts: list[str], chat: bool) -> list[str]:
+    rows = _rows(tokenizer, prompts, chat)
+    tokens = greedy_token_continuations(model, tokenizer, rows, [NEW_TOKENS] * len(rows), progress="generate")
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+def _chat_text(tokenizer, prompt: str) -> str:
+    """``prompt`` as the user's message, followed by the start of the assistant's turn."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _in_chat_form(tokenizer, request: EditRequest) -> EditRequest:
+    return dataclasses.replace(request, prompt=_chat_text(tokenizer, request.prompt))
+
+
+def measure(dataset: str, T: int, edit_form: str, cache: Path) -> dict:
+    """Rel / Gen / Loc asked in both forms after editing ``T`` held-out requests written in ``edit_form`` ("raw" or
+    "chat")."""
+    written = _in_chat_form if edit_form == "chat" else None
+    method, tokenizer, requests, _ = held_out_lemoe(dataset, T, SETTINGS, cache, written)
+    kinds = {
+        "rewrite": [(r.prompt, r.target_new) for r in requests],
+        "rephrase": [(r.rephrase_prompts[0], r.target_new) for r in requests if r.rephrase_prompts],
+    }
+    probes = [p.prompt for r in requests for p in r.locality if p.answer != r.ground_truth]  # other relations
+    result: dict = {"dataset": dataset, "T": len(requests), "edits_written": edit_form, "settings": SETTINGS}
+    for form in ("raw", "chat"):
+        chat = form == "chat"
+        with method.model.disable_adapter():
+            base_probes = _generate(method.model, tokenizer, probes, chat)
+            base_answers = {k: _generate(method.model, tokenizer, [p for p, _ in v], chat) for k, v in kinds.items()}
+        edited_probes = _generate(method.model, tokenizer, probes, chat)
+        row = {}
+        for kind, cases in kinds.items():
+            answers = _generate(method.model, tokenizer, [p for p, _ in cases], chat)
+            row[kind] = sum(mentions(a, t) for a, (_, t) in zip(answers, cases, strict=True)) / len(cases)
+            row[f"{kind}_unedited"] = sum(
+                mentions(a, t) for a, (_, t) in zip(base_answers[kind], cases, strict=True)
+            ) / len(cases)
+            row[f"{kind}_examples"] = [
+                {"prompt": p, "target": t, "answer": a} for (p, t), a in list(zip(cases, answers, strict=True))[:5]
+            ]
+        same = [
+            tokenizer(a).input_ids[:LOCALITY_TOKENS] == tokenizer(b).input_ids[:LOCALITY_TOKENS]
+            for a, b in zip(edited_probes, base_probes, strict=True)
+        ]
+        row["locality_other"] = sum(same) / len(same)
+        result[form] = row
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="zsre")
+    parser.add_argument("--T", type=int, default=100)
+    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "generation" / "chat_template")
+    args = parser.parse_args()
+    for edit_form in ("raw", "chat"):
+        path = args.out / f"{args.dataset}-T{args.T}-edits-{edit_form}.json"
+        if not path.exists():
+            write_json_atomic(path, measure(args.dataset, args.T, edit_form, args.cache))
+        result = json.loads(path.read_text())
+        for form in ("raw", "chat"):
+            row = result[form]
+            scores = " ".join(f"{k} {row[k]:.3f}" for k in SCORES)
+            print(f"edits written {edit_form}, asked {form}: {scores}")
+
+
+if __name__ == "__main__":
+    main()
