@@ -8,6 +8,11 @@ boundaries (the same rule for both forms, and for the unedited model, which shou
 locality: the first 8 new tokens equal the unedited model's on the same form. Run once with the edits written as raw
 prompts (the benchmark's protocol), once with them written in the chat form (what a user could do today).
 
+Where routing loses them (routing only, the edits written raw, one training step each): the share of edit prompts
+routed to their own expert at the last token, and the median score of the nearest anchor there, for the prompt as
+written, in the whole chat form, in the chat form cut after the question (before the assistant's turn starts), and
+after the user's turn marker alone (no system message before it).
+
     python -m benchmarks.chat_template --dataset zsre --T 100
 """
 
@@ -19,10 +24,14 @@ import json
 import re
 from pathlib import Path
 
+import torch
+
 from lemoe_peft import EditRequest
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import greedy_token_continuations
+from lemoe_peft.routing import experts_from_scores
 
+from .anchor_thresholds import last_token_routing
 from .lifelong import SETTINGS
 from .methods import held_out_lemoe
 
@@ -94,6 +103,38 @@ def measure(dataset: str, T: int, edit_form: str, cache: Path) -> dict:
     return result
 
 
+def routing_by_form(dataset: str, T: int, cache: Path) -> dict:
+    """Per form of the edit prompts: the share routed to their own expert at the last token, and the median score of
+    the nearest anchor there."""
+    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
+    layer = next(iter(method.model.base_model.lemoe_layers("default").values()))
+    keys, owners = layer.lemoe_keys["default"].float(), layer.lemoe_key_expert["default"]
+    thresholds = layer.lemoe_key_threshold["default"].float()
+
+    def forms(prompt: str) -> dict[str, str]:
+        chat = _chat_text(tokenizer, prompt)
+        before = chat[: chat.index(prompt)]
+        turn = before[max(before.rfind(special) for special in tokenizer.all_special_tokens) :]
+        return {
+            "as written": prompt,
+            "chat template": chat,
+            "chat template, cut after the question": before + prompt,
+            "user's turn marker and the question": turn + prompt,
+        }
+
+    texts = [forms(r.prompt) for r in requests]
+    result = {"dataset": dataset, "T": len(requests), "example": texts[0]}
+    for form in texts[0]:
+        queries, scores = last_token_routing(method.model, tokenizer, [t[form] for t in texts])
+        passed = scores.masked_fill(scores < thresholds, float("-inf"))
+        chosen, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
+        result[form] = {
+            "own_expert": float((chosen[:, 0] == torch.tensor(experts)).float().mean()),
+            "nearest_anchor_median": float((queries @ keys.T).max(dim=1).values.median()),
+        }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="zsre")
@@ -101,6 +142,12 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "generation" / "chat_template")
     args = parser.parse_args()
+    routing = args.out / f"{args.dataset}-T{args.T}-routing.json"
+    if not routing.exists():
+        write_json_atomic(routing, routing_by_form(args.dataset, args.T, args.cache))
+    for form, row in json.loads(routing.read_text()).items():
+        if isinstance(row, dict) and "own_expert" in row:
+            print(f"{form}: own expert {row['own_expert']:.3f}, nearest anchor {row['nearest_anchor_median']:.2f}")
     for edit_form in ("raw", "chat"):
         path = args.out / f"{args.dataset}-T{args.T}-edits-{edit_form}.json"
         if not path.exists():
