@@ -11,7 +11,8 @@ prompts (the benchmark's protocol), once with them written in the chat form (wha
 Where routing loses them (routing only, the edits written raw, one training step each): the share of edit prompts
 routed to their own expert at the last token, and the median score of the nearest anchor there, for the prompt as
 written, in the whole chat form, in the chat form cut after the question (before the assistant's turn starts), and
-after the user's turn marker alone (no system message before it).
+after the user's turn marker alone (no system message before it). Routed prompts are right-stripped, as the
+benchmark's are, so the whole chat form is routed at the assistant's role name, the token before the final newline.
 
     python -m benchmarks.chat_template --dataset zsre --T 100
 """
