@@ -57,9 +57,9 @@ def last_token_routing(
             for row, end in enumerate(last.tolist()):
                 begin = last_sentence_start(tokenizer, tokens.input_ids[row, : end + 1], sentence_ends)
                 pooled[row] = layer.pooled_queries(name, x[row : row + 1, begin : end + 1])[0, -1]
-            keys = layer.lemoe_keys[name].float()
-            gated = (layer.route_queries(name, pooled) @ keys.T).masked_fill(gated.isneginf(), float("-inf"))
         queries.append(layer.route_queries(name, pooled))
+        if sentence_ends is not None:  # the same gate, scored with the restarted queries
+            gated = (queries[-1] @ layer.lemoe_keys[name].float().T).masked_fill(gated.isneginf(), float("-inf"))
         scores.append(gated)
     return torch.cat(queries), torch.cat(scores)
 
@@ -79,12 +79,17 @@ def last_sentence_start(tokenizer, ids: torch.Tensor, sentence_ends: torch.Tenso
     return 0
 
 
+def own_expert_share(scores: torch.Tensor, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> float:
+    """The share of prompts whose anchor ``scores`` (P, N), at ``thresholds``, route them to their ``own`` expert."""
+    passed = scores.masked_fill(scores < thresholds, float("-inf"))
+    experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
+    return float((experts[:, 0] == own).float().mean())
+
+
 def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> list[float]:
     """Rephrases reaching their own expert, negatives and scored templates reaching any, at ``thresholds`` (one per
     anchor, or one for all)."""
-    passed = scores["rephrase"].masked_fill(scores["rephrase"] < thresholds, float("-inf"))
-    experts, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
-    reached = (experts[:, 0] == own).float().mean()
+    reached = own_expert_share(scores["rephrase"], owners, own, thresholds)
     return [
         round(float(v), 3)
         for v in (reached, *((scores[k] >= thresholds).any(1).float().mean() for k in ("negative", "scored")))

@@ -30,9 +30,8 @@ import torch
 from lemoe_peft import EditRequest
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import greedy_token_continuations
-from lemoe_peft.routing import experts_from_scores
 
-from .anchor_thresholds import last_token_routing
+from .anchor_thresholds import last_token_routing, own_expert_share
 from .lifelong import SETTINGS
 from .methods import held_out_lemoe
 
@@ -127,10 +126,8 @@ def routing_by_form(dataset: str, T: int, cache: Path) -> dict:
     result = {"dataset": dataset, "T": len(requests), "example": texts[0]}
     for form in texts[0]:
         queries, scores = last_token_routing(method.model, tokenizer, [t[form] for t in texts])
-        passed = scores.masked_fill(scores < thresholds, float("-inf"))
-        chosen, _ = experts_from_scores(passed, owners, int(owners.max()) + 1, top_k=1, temperature=1.0)
         result[form] = {
-            "own_expert": float((chosen[:, 0] == torch.tensor(experts)).float().mean()),
+            "own_expert": own_expert_share(scores, owners, torch.tensor(experts), thresholds),
             "nearest_anchor_median": float((queries @ keys.T).max(dim=1).values.median()),
         }
     return result

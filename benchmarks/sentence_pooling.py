@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .anchor_thresholds import held_out_routing, negative_name, routed_shares, run_cli
+from .anchor_thresholds import held_out_routing, negative_name, own_expert_share, routed_shares, run_cli
 
 THRESHOLDS = (0.5, 0.45, 0.4)
 
@@ -46,7 +46,7 @@ def measure(dataset: str, T: int, cache: Path) -> list[str]:
             threshold = torch.full((scores["rephrase"].shape[1],), value)
             reached, negatives, templates = routed_shares(scores, owners, own, threshold)
             split = [
-                routed_shares({**scores, "rephrase": scores["rephrase"][part]}, owners, own[part], threshold)[0]
+                round(own_expert_share(scores["rephrase"][part], owners, own[part], threshold), 3)
                 for part in (changed, ~changed)
             ]
             name = "over the last sentence" if restart else "over the whole prompt (as it is)"
