@@ -33,12 +33,9 @@ FLOORS, CEILINGS, MARGINS = (0.2, 0.3), (0.5, 0.6), (0.0, 0.05, 0.1)
 
 
 @torch.no_grad()
-def last_token_routing(
-    model, tokenizer, prompts: list[str], batch_size: int = 32, sentence_ends: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def last_token_routing(model, tokenizer, prompts: list[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prompt's routing query at its last token (P, k), and every anchor's score there (P, N), -inf where the
-    anchor's subject gate is closed. With ``sentence_ends`` (vocab,) bool, the query's running mean restarts after
-    the last token marked there that a token beginning with whitespace follows (:func:`last_sentence_start`)."""
+    anchor's subject gate is closed."""
     tuner = model.base_model
     name = tuner.resolve_adapter(None)
     (layer_name, layer), *_ = tuner.lemoe_layers(name).items()
@@ -48,35 +45,11 @@ def last_token_routing(
         tokens = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="right")
         with tuner.capture_layer_inputs() as captured, model.disable_adapter():
             model(**tokens, use_cache=False)
-        x, valid = captured[layer_name]
-        last = valid.long().sum(dim=1) - 1
-        at = (torch.arange(len(chunk)), last)
-        pooled = layer.pooled_queries(name, x, valid)[at]
-        gated = layer.anchor_scores(name, x, valid, tokens.input_ids)[at]
-        if sentence_ends is not None:
-            for row, end in enumerate(last.tolist()):
-                begin = last_sentence_start(tokenizer, tokens.input_ids[row, : end + 1], sentence_ends)
-                pooled[row] = layer.pooled_queries(name, x[row : row + 1, begin : end + 1])[0, -1]
-        queries.append(layer.route_queries(name, pooled))
-        if sentence_ends is not None:  # the same gate, scored with the restarted queries
-            gated = (queries[-1] @ layer.lemoe_keys[name].float().T).masked_fill(gated.isneginf(), float("-inf"))
-        scores.append(gated)
+        inputs = captured[layer_name]
+        at = (torch.arange(len(chunk)), inputs.valid.long().sum(dim=1) - 1)
+        queries.append(layer.route_queries(name, layer.pooled_queries(name, *inputs)[at]))
+        scores.append(layer.anchor_scores(name, *inputs)[at])
     return torch.cat(queries), torch.cat(scores)
-
-
-def sentence_end_tokens(tokenizer) -> torch.Tensor:
-    """(vocab,) bool: the tokens whose text ends a sentence (ends with ".", "!" or "?")."""
-    texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return torch.tensor([tokenizer.convert_tokens_to_string([t]).rstrip().endswith((".", "!", "?")) for t in texts])
-
-
-def last_sentence_start(tokenizer, ids: torch.Tensor, sentence_ends: torch.Tensor) -> int:
-    """Where the last sentence of ``ids`` begins: after the last sentence-ending token (before the last token) that
-    a token beginning with whitespace follows; 0 if none."""
-    for i in range(len(ids) - 2, -1, -1):
-        if sentence_ends[ids[i]] and tokenizer.decode(ids[i + 1 : i + 2])[:1].isspace():
-            return i + 1
-    return 0
 
 
 def own_expert_share(scores: torch.Tensor, owners: torch.Tensor, own: torch.Tensor, thresholds: torch.Tensor) -> float:
@@ -97,24 +70,21 @@ def routed_shares(scores: dict, owners: torch.Tensor, own: torch.Tensor, thresho
 
 
 def held_out_routing(
-    dataset: str, T: int, cache: Path, sentence_ends: bool = False
+    dataset: str, T: int, cache: Path, **config: Any
 ) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor], torch.Tensor, str]:
     """The first ``T`` held-out requests edited with LEMoE's defaults (one step per batch: routing does not depend on
-    training), and at each prompt's last token the routing query and gated anchor scores
-    (:func:`last_token_routing`, its mean restarted at the last sentence with ``sentence_ends``) of: rephrases, the
-    data set's negatives, and each edit's subject in every relation template. Returns the method, those per kind,
-    the anchor keys and their experts, each rephrase's own expert, and the table heading."""
-    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1}, cache)
+    training; ``config``: LEMoEConfig fields to change), and at each prompt's last token the routing query and gated
+    anchor scores (:func:`last_token_routing`) of: rephrases, the data set's negatives, and each edit's subject in
+    every relation template. Returns the method, those per kind, the anchor keys and their experts, each rephrase's
+    own expert, and the table heading."""
+    method, tokenizer, requests, experts = held_out_lemoe(dataset, T, {**SETTINGS, "max_steps": 1, **config}, cache)
     cases = [(i, r.rephrase_prompts[0]) for i, r in enumerate(requests) if r.rephrase_prompts]
     prompts = {
         "rephrase": [p for _, p in cases],
         "negative": [p.prompt for r in requests for p in r.locality if dataset != "zsre" or p.answer != r.ground_truth],
         "templates": [t.format(r.subject) for r in requests if r.subject for t in RELATION_TEMPLATES],
     }
-    ends = sentence_end_tokens(tokenizer) if sentence_ends else None
-    routed = {
-        kind: last_token_routing(method.model, tokenizer, texts, sentence_ends=ends) for kind, texts in prompts.items()
-    }
+    routed = {kind: last_token_routing(method.model, tokenizer, texts) for kind, texts in prompts.items()}
     own = torch.tensor([experts[i] for i, _ in cases])
     tuner = method.model.base_model
     name = tuner.resolve_adapter(None)

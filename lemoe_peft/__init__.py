@@ -17,6 +17,7 @@ from .evaluation import evaluate_edits, locality_generation_reference, locality_
 from .generation import GenerationSettings  # noqa: E402
 from .loaders import load_edit_requests  # noqa: E402
 from .requests import EditRequest, Probe, RequestError  # noqa: E402
+from .routing import token_marks  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "load_edit_requests",
     "locality_generation_reference",
     "locality_reference",
+    "token_marks",
     "__version__",
 ]

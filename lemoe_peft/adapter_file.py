@@ -27,9 +27,10 @@ _RECORDED_SIZES = {
     "lemoe_subject_expert": lambda c: c.num_subjects,
     "lemoe_subject_alias": lambda c: c.num_subjects,
     "lemoe_subject_names": lambda c: c.num_subjects,
+    "lemoe_token_marks": lambda c: c.route_vocab_size,
 }
 
-# the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening)
+# the buffers that decide routing (anchor keys, their owners and thresholds, the query whitening, the token marks)
 ROUTING_STATE = (
     "lemoe_keys",
     "lemoe_key_expert",
@@ -41,11 +42,13 @@ ROUTING_STATE = (
     "lemoe_subject_names",
     "lemoe_route_mean",
     "lemoe_route_projection",
+    "lemoe_token_marks",
 )
 # tensors only adapters of earlier releases hold
 _EARLIER_FORMAT = ("lemoe_route_basis", "lemoe_route_scale")
-# tensors adapters of earlier releases lack, loaded with their defaults (every subject key its own subject, no names)
-ADDED_LATER = frozenset({"lemoe_subject_alias", "lemoe_subject_names"})
+# tensors adapters of earlier releases lack, loaded with their defaults (every subject key its own subject, no names,
+# no token marks)
+ADDED_LATER = frozenset({"lemoe_subject_alias", "lemoe_subject_names", "lemoe_token_marks"})
 # every LEMoE layer saves these, whatever the number of experts; the newest expert (lemoe_A/B) exists once one does
 SAVED_BUFFERS = ("lemoe_frozen_A", "lemoe_frozen_B", *ROUTING_STATE)
 

@@ -22,7 +22,7 @@ from .config import LEMoEConfig
 
 logger = logging.getLogger(__name__)
 
-_SHAPE_FIELDS = ("num_experts", "num_anchors", "num_subjects", "route_calibration_size")
+_SHAPE_FIELDS = ("num_experts", "num_anchors", "num_subjects", "route_calibration_size", "route_vocab_size")
 # config fields that save_pretrained fills in or that describe the run, not the adapter's architecture
 _NOT_ARCHITECTURE = (
     "edit_log",

@@ -37,6 +37,7 @@ ROUTE_POOLINGS = ("causal_mean", "token", "mean_and_token")
 ROUTE_SIMILARITIES = ("cosine", "dot")
 ROUTE_GENERATED_TOKENS = ("prompt_experts", "any")
 ROUTE_SUBJECT_NAMES = ("off", "also", "only")
+ROUTE_RESTARTS = ("sentence", "off")
 EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
 
@@ -98,6 +99,18 @@ class LEMoEConfig(PeftConfig):
     route_token_weight: float = field(
         default=0.5,
         metadata={"help": "With route_pooling='mean_and_token': weight w of the token, score = (1-w) mean + w token."},
+    )
+    route_restart: Literal["sentence", "off"] = field(
+        default="sentence",
+        metadata={
+            "help": "Where the running mean of the routing query starts again: at each new sentence (after a token "
+            "ending in '.' or '!' and whitespace), so a question is pooled over its own sentence, or 'off': over "
+            "everything read (adapters saved before this setting existed load with 'off'). Sentences are found by "
+            "the token marks the adapter holds (LEMoEModel.set_token_marks); calls that pass embeddings never restart."
+        },
+    )
+    route_vocab_size: int = field(
+        default=0, metadata={"help": "Token ids the adapter holds marks for (set with set_token_marks; 0: none)."}
     )
     route_similarity: Literal["cosine", "dot"] = field(
         default="cosine", metadata={"help": "Score between a query and an anchor key."}
@@ -197,11 +210,12 @@ class LEMoEConfig(PeftConfig):
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
         """PEFT calls this with a saved config's fields before building it: one saved before
-        ``route_subject_margin``, ``route_generated_tokens`` or ``route_subject_names`` existed keeps the routing it
-        was trained with."""
+        ``route_subject_margin``, ``route_generated_tokens``, ``route_subject_names`` or ``route_restart`` existed keeps
+        the routing it was trained with."""
         kwargs.setdefault("route_subject_margin", None)
         kwargs.setdefault("route_generated_tokens", "any")
         kwargs.setdefault("route_subject_names", "off")
+        kwargs.setdefault("route_restart", "off")
         return super().check_kwargs(**kwargs)
 
     def _validate(self) -> None:
@@ -232,6 +246,11 @@ class LEMoEConfig(PeftConfig):
             (
                 isinstance(self.route_subject_name_tokens, int) and self.route_subject_name_tokens >= 1,
                 "route_subject_name_tokens must be an integer >= 1",
+            ),
+            (self.route_restart in ROUTE_RESTARTS, f"route_restart must be one of {ROUTE_RESTARTS}"),
+            (
+                isinstance(self.route_vocab_size, int) and self.route_vocab_size >= 0,
+                "route_vocab_size must be an integer >= 0",
             ),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),

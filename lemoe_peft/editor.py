@@ -32,6 +32,7 @@ from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
+from .routing import token_marks
 from .teacher_forcing import (
     TeacherForcedBatch,
     answer_logits,
@@ -423,7 +424,7 @@ class LEMoEEditor:
         """Positions (B, L) of ``batch`` that some LEMoE layer routes to ``expert``."""
         routed = torch.zeros_like(batch.predicts)
         for name, layer in self.tuner.lemoe_layers(self.adapter).items():
-            experts, _ = layer.route_sequences(self.adapter, *captured[name], batch.input_ids)
+            experts, _ = layer.route_sequences(self.adapter, *captured[name])
             routed |= (experts == expert).any(dim=-1)
         return routed & batch.attention_mask.bool()
 
@@ -539,12 +540,11 @@ class LEMoEEditor:
         with self.tuner.capture_layer_inputs() as captured:
             self._forward_inputs(rows.input_ids, rows.attention_mask)
         last = rows.attention_mask.sum(dim=1) - 1
-        return {name: inputs[torch.arange(len(texts)), last] for name, (inputs, _) in captured.items()}
+        return {name: inputs.x[torch.arange(len(texts)), last] for name, inputs in captured.items()}
 
     def _queries(self, layer_name: str, captured: dict) -> torch.Tensor:
         layer = self.tuner.lemoe_layers(self.adapter)[layer_name]
-        inputs, valid = captured[layer_name]
-        return layer.route_queries(self.adapter, layer.pooled_queries(self.adapter, inputs, valid))
+        return layer.route_queries(self.adapter, layer.pooled_queries(self.adapter, *captured[layer_name]))
 
     @torch.no_grad()
     def _run_prompts(self, texts: Sequence[str], batch_size: int = 32) -> list[tuple[dict, torch.Tensor]]:
@@ -564,11 +564,12 @@ class LEMoEEditor:
         """Fit the routing whitening on generic text once, before the adapter's first anchor exists."""
         if self.config.route_calibration_size > 0 or self.config.num_anchors > 0:
             return
+        if self.config.route_restart != "off":
+            self.tuner.set_token_marks(token_marks(self.tokenizer), self.adapter)
         samples: dict[str, list[torch.Tensor]] = {}
         for captured, mask in self._run_prompts(self.calibration):
             for name, layer in self.tuner.lemoe_layers(self.adapter).items():
-                inputs, valid = captured[name]
-                samples.setdefault(name, []).append(layer.pooled_queries(self.adapter, inputs, valid)[mask])
+                samples.setdefault(name, []).append(layer.pooled_queries(self.adapter, *captured[name])[mask])
         self.tuner.calibrate_routing({name: torch.cat(s) for name, s in samples.items()}, self.adapter)
 
     def _prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:

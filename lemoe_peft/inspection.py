@@ -50,11 +50,11 @@ def which_expert(
         model(**tokens, use_cache=False)
     layers = {}
     for layer_name, layer in tuner.lemoe_layers(name).items():
-        x, valid = captured[layer_name]
-        experts, _ = layer.route_sequences(name, x, valid, tokens.input_ids)
+        inputs = captured[layer_name]
+        experts, _ = layer.route_sequences(name, *inputs)
         chosen = int(experts[0, -1, 0]) if experts.numel() else -1
-        scores = layer.anchor_scores(name, x, valid, tokens.input_ids)[0, -1]
-        query = layer.route_queries(name, layer.pooled_queries(name, x, valid)[0, -1])
+        scores = layer.anchor_scores(name, *inputs)[0, -1]
+        query = layer.route_queries(name, layer.pooled_queries(name, *inputs)[0, -1])
         ungated = query @ layer.lemoe_keys[name].float().T
         owner = layer.lemoe_key_expert[name]
         layers[layer_name] = {

@@ -13,7 +13,9 @@ Storage is flat and keyed by adapter name, so every tensor saves to one safetens
   ``lemoe_key_subject`` ``(N,)``: the subject gating each anchor (-1: none);
 * ``lemoe_route_mean`` ``(d_in,)`` and ``lemoe_route_projection`` ``(d_in, k)``: the whitening that maps routing
   queries into the k-dimensional space of the keys (``k = route_key_dim``; ``mean_and_token`` queries whiten their
-  two halves apart, ``k / 2`` wide each, and subject keys have one half's width).
+  two halves apart, ``k / 2`` wide each, and subject keys have one half's width);
+* ``lemoe_token_marks`` ``(V,)`` uint8: per token id, whether it ends a sentence or has whitespace before or after it
+  (:func:`~lemoe_peft.routing.token_marks`), which tells where the running-mean query restarts (V = 0: nowhere).
 
 The stacks that grow with the stream (frozen experts, anchor keys, owners, thresholds) are prefix views of a storage
 with spare rows (:func:`append_rows`), so adding an expert or anchors copies only the new rows: amortized O(1) per
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ from .adapter_file import ROUTING_STATE, SAVED_BUFFERS
 from .config import LEMoEConfig
 from .routing import (
     CallContext,
+    LayerInputs,
     RouteState,
     RoutingSession,
     causal_mean,
@@ -46,6 +50,7 @@ from .routing import (
     named_subjects,
     route_projection,
     select_experts,
+    sentence_starts,
     subject_presence,
     token_counts,
     whiten,
@@ -76,6 +81,7 @@ class RouteSettings:
     subject_names: str
     whiten_rank: int
     generated_tokens: str
+    restart: str
 
     @classmethod
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
@@ -91,6 +97,7 @@ class RouteSettings:
             config.route_subject_names,
             config.route_whiten_rank,
             config.route_generated_tokens,
+            config.route_restart,
         )
 
 
@@ -175,6 +182,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_subject_names = BufferDict(persistent=True)
         self.lemoe_route_mean = BufferDict(persistent=True)
         self.lemoe_route_projection = BufferDict(persistent=True)
+        self.lemoe_token_marks = BufferDict(persistent=True)
         self.lemoe_settings: dict[str, RouteSettings] = {}
         self.routing_session = routing
         self._disable_adapters = False
@@ -213,6 +221,7 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_route_mean[adapter_name] = torch.zeros(d_in)
         # before calibration: no whitening (k = d_in) or a fixed random reduction of the raw inputs
         self.lemoe_route_projection[adapter_name] = route_projection(torch.zeros(d_in, 0), torch.ones(1), d_key)
+        self.lemoe_token_marks[adapter_name] = torch.zeros(config.route_vocab_size, dtype=torch.uint8)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -398,10 +407,38 @@ class LEMoELayer(BaseTunerLayer):
         self.lemoe_route_mean[adapter_name] = mean.to(self.lemoe_route_mean[adapter_name])
         self.lemoe_route_projection[adapter_name] = route_projection(basis, scale, projection.shape[1]).to(projection)
 
+    def set_token_marks(self, adapter_name: str, marks: torch.Tensor) -> None:
+        """Set the token marks (V,) that tell where sentences begin (:func:`~lemoe_peft.routing.token_marks`). Anchors
+        must not exist yet: their keys were pooled over the sentences the old marks found."""
+        if self.num_anchors(adapter_name) > 0:
+            raise RuntimeError("Token marks are frozen once anchors exist: new marks would move the routing queries.")
+        if marks.dim() != 1:
+            raise ValueError(f"Token marks must have shape (V,), got {tuple(marks.shape)}.")
+        self.lemoe_token_marks[adapter_name] = marks.to(self.lemoe_token_marks[adapter_name])
+
     # ---------------------------------------------------------------------------------------------------- routing
-    def pooled_queries(self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix."""
-        return self._pooled(adapter_name, x, lambda: causal_mean(x, valid)[0])
+    def pooled_queries(
+        self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix;
+        ``ids`` (B, T) are its input ids, which tell where sentences begin (None: the mean runs over everything)."""
+        starts = self._starts(adapter_name, ids, valid)[0]
+        return self._pooled(adapter_name, x, lambda: causal_mean(x, valid, None, starts)[0])
+
+    def _starts(
+        self,
+        adapter_name: str,
+        ids: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        previous: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:func:`~lemoe_peft.routing.sentence_starts` of ``ids`` (B, T) by this adapter's marks, continuing from the
+        ``previous`` token's marks; (None, None) where the query does not restart (no ids, no marks, restarts off)."""
+        marks = self.lemoe_token_marks[adapter_name]
+        if ids is None or marks.shape[0] == 0 or self.lemoe_settings[adapter_name].restart == "off":
+            return None, None
+        ids = ids.to(marks.device)
+        return sentence_starts(ids, marks, None if valid is None else valid.to(marks.device), previous)
 
     def _pooled(self, adapter_name: str, x: torch.Tensor, means: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Raw queries from the tokens ``x`` and their running ``means``: (..., d_in), or (..., 2 d_in) holding both
@@ -502,7 +539,7 @@ class LEMoELayer(BaseTunerLayer):
         """Experts and mixing weights (B, T, k) for whole sequences ``x`` (B, T, d_in), as a forward routes them
         (``ids`` (B, T): their input ids, where subject names are read; None: keys only)."""
         read = self._subjects_read(adapter_name, x, valid, ids)
-        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid), read)
+        return self.route(adapter_name, self.pooled_queries(adapter_name, x, valid, ids), read)
 
     def anchor_scores(
         self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
@@ -510,7 +547,7 @@ class LEMoELayer(BaseTunerLayer):
         """Every anchor's score (B, T, N) at each token of whole sequences ``x`` (B, T, d_in), -inf where the
         anchor's subject has not been read yet; thresholds are not applied (:meth:`route_sequences` routes)."""
         read = self._subjects_read(adapter_name, x, valid, ids)
-        queries = self.route_queries(adapter_name, self.pooled_queries(adapter_name, x, valid))
+        queries = self.route_queries(adapter_name, self.pooled_queries(adapter_name, x, valid, ids))
         scores = queries @ self.lemoe_keys[adapter_name].float().T
         if read is None:
             return scores
@@ -535,10 +572,16 @@ class LEMoELayer(BaseTunerLayer):
             valid = None if context is None or context.valid is None else context.valid
             valid = valid if valid is not None and valid.shape == x.shape[:2] else None
             prefix = None if context is None else context.prefix.get(id(self))
-            prefix = prefix if prefix is not None and prefix.sums[0].shape[0] == x.shape[0] else None
-            means, sums = causal_mean(x, valid, None if prefix is None else prefix.sums)
-            counts = token_counts(x, valid, None if prefix is None else prefix.sums[1])
-            call.update(valid=valid, prefix=prefix, means=means, counts=counts, state=RouteState(sums))
+            prefix = prefix if prefix is not None and prefix.read.shape[0] == x.shape[0] else None
+            ids = None if context is None else context.ids
+            counts = token_counts(x, valid, None if prefix is None else prefix.read)
+            call.update(
+                valid=valid,
+                prefix=prefix,
+                ids=ids if ids is not None and ids.shape == x.shape[:2] else None,
+                counts=counts,
+                state=RouteState(counts[:, -1:]),
+            )
             if context is not None:
                 context.updated[id(self)] = call["state"]
         prefix = call["prefix"]
@@ -548,25 +591,32 @@ class LEMoELayer(BaseTunerLayer):
             call["counts"],
             call["valid"],
             None if prefix is None else prefix.presence.get(adapter_name),
-            self._named(adapter_name, call, context),
+            self._named(adapter_name, call),
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence[:, -1]
-        experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, lambda: call["means"]), read)
+        means = partial(self._call_means, adapter_name, x, call)
+        experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, means), read)
         if self.lemoe_settings[adapter_name].generated_tokens == "any":
             return experts, weights
         return self._follow_prompt(adapter_name, experts, weights, call)
 
-    def _named(self, adapter_name: str, call: dict[str, Any], context: CallContext | None) -> torch.Tensor | None:
+    def _call_means(self, adapter_name: str, x: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
+        """The running means (B, T, d_in) of the call's tokens, continuing the sums and marks of earlier calls."""
+        prefix, state = call["prefix"], call["state"]
+        previous = None if prefix is None else prefix.marks.get(adapter_name)
+        starts, marks = self._starts(adapter_name, call["ids"], call["valid"], previous)
+        if marks is not None:
+            state.marks[adapter_name] = marks
+        sums = None if prefix is None else prefix.sums.get(adapter_name)
+        means, state.sums[adapter_name] = causal_mean(x, call["valid"], sums, starts)
+        return means
+
+    def _named(self, adapter_name: str, call: dict[str, Any]) -> torch.Tensor | None:
         """Where the call's ids complete a subject name (B, T, S), continuing the ids of earlier calls; None when
         names are not read (``route_subject_names`` off, or the call passed embeddings)."""
-        names = self.lemoe_subject_names[adapter_name]
-        ids = None if context is None else context.ids
-        if (
-            self.lemoe_settings[adapter_name].subject_names == "off"
-            or ids is None
-            or ids.shape != call["means"].shape[:2]
-        ):
+        names, ids = self.lemoe_subject_names[adapter_name], call["ids"]
+        if self.lemoe_settings[adapter_name].subject_names == "off" or ids is None:
             return None
         prefix = call["prefix"]
         recent = None if prefix is None else prefix.recent_ids.get(adapter_name)
@@ -645,7 +695,10 @@ class LEMoELinear(nn.Module, LEMoELayer):
         context = self.routing_session.context(x.shape[0])
         sequences = self._as_sequences(x, context)
         if self.routing_session.captured is not None:
-            self.routing_session.captured[id(self)] = (sequences.detach(), None if context is None else context.valid)
+            valid, ids = (None, None) if context is None else (context.valid, context.ids)
+            self.routing_session.captured[id(self)] = LayerInputs(
+                sequences.detach(), valid, ids if ids is not None and ids.shape == sequences.shape[:2] else None
+            )
         if self.disable_adapters:
             return result
         call: dict[str, Any] = {}

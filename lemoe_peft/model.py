@@ -16,12 +16,12 @@ from torch import nn
 from .adapter_file import ADDED_LATER
 from .config import DEFAULT_TARGET_MODULES, LEMoEConfig, default_layer_index
 from .layer import MERGE_REFUSAL, LEMoELayer, LEMoELinear, offload_execution_device
-from .routing import RoutingDecisions, RoutingSession
+from .routing import LayerInputs, RoutingDecisions, RoutingSession
 
 logger = logging.getLogger(__name__)
 
-_COUNTED = ("lemoe_frozen_A", "lemoe_keys", "lemoe_subjects", "lemoe_A")  # earlier experts, anchors, subjects, newest
-_COUNT_FIELDS = ("num_experts", "num_anchors", "num_subjects")
+_COUNTED = ("lemoe_frozen_A", "lemoe_keys", "lemoe_subjects", "lemoe_token_marks", "lemoe_A")
+_COUNT_FIELDS = ("num_experts", "num_anchors", "num_subjects", "route_vocab_size")
 
 
 def _canonical_key(key: str) -> str:
@@ -254,13 +254,21 @@ class LEMoEModel(BaseTuner):
             layer.calibrate(name, samples[layer_name])
         self.peft_config[name].route_calibration_size = min(s.shape[0] for s in samples.values())
 
+    def set_token_marks(self, marks: torch.Tensor, adapter_name: str | None = None) -> None:
+        """Give every layer the token marks (V,) that tell where sentences begin, from
+        :func:`~lemoe_peft.routing.token_marks` of the tokenizer (``route_restart``); before any anchor exists."""
+        name = self.resolve_adapter(adapter_name)
+        for layer in self.lemoe_layers(name).values():
+            layer.set_token_marks(name, marks)
+        self.peft_config[name].route_vocab_size = marks.shape[0]
+
     @contextlib.contextmanager
-    def capture_layer_inputs(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
-        """Within this context, record each LEMoE layer's input and padding mask; the dict it yields is filled with
-        layer name -> (x, valid) when the context exits."""
+    def capture_layer_inputs(self) -> Iterator[dict[str, LayerInputs]]:
+        """Within this context, record each LEMoE layer's input, padding mask and input ids; the dict it yields is
+        filled with layer name -> (x, valid, ids) when the context exits."""
         layers = {id(module): key for key, module in self.model.named_modules() if isinstance(module, LEMoELayer)}
         captured: dict[int, Any] = {}
-        result: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        result: dict[str, LayerInputs] = {}
         self.routing.captured = captured
         try:
             yield result
@@ -299,7 +307,7 @@ class LEMoEModel(BaseTuner):
         for name in adapter_names or lemoe_adapters:
             config = self.peft_config[name]
             counts = _state_dict_counts(state_dict, key, list(self.lemoe_layers(name)), name)
-            held = (config.num_experts, config.num_anchors, config.num_subjects)
+            held = tuple(getattr(config, field) for field in _COUNT_FIELDS)
             if counts is None or counts == held:
                 continue
             wanted = ", ".join(f"{field}={count}" for field, count in zip(_COUNT_FIELDS, counts, strict=True))
@@ -309,7 +317,8 @@ class LEMoEModel(BaseTuner):
                     f"The state dict holds {wanted} for adapter '{name}', which holds {have}; load it into a "
                     f"fresh adapter or one made with LEMoEConfig({wanted})."
                 )
-            config.num_experts, config.num_anchors, config.num_subjects = counts
+            for field, count in zip(_COUNT_FIELDS, counts, strict=True):
+                setattr(config, field, count)
             for layer in self.lemoe_layers(name).values():
                 layer.update_layer(name, config)
             logger.warning(
@@ -362,11 +371,15 @@ class LEMoEModel(BaseTuner):
 
 def _state_dict_counts(
     state_dict: dict[str, torch.Tensor], key: str, layer_names: list[str], adapter_name: str
-) -> tuple[int, int, int] | None:
-    """(experts, anchors, subjects) that ``state_dict`` holds for ``adapter_name``, read off its first LEMoE layer."""
+) -> tuple[int, int, int, int] | None:
+    """(experts, anchors, subjects, marked token ids) that ``state_dict`` holds for ``adapter_name``, read off its
+    first LEMoE layer."""
     for layer in layer_names:
-        frozen, keys, subjects, newest = (key.format(layer=layer, field=f, adapter=adapter_name) for f in _COUNTED)
+        frozen, keys, subjects, marks, newest = (
+            key.format(layer=layer, field=f, adapter=adapter_name) for f in _COUNTED
+        )
         if frozen in state_dict and keys in state_dict:
-            num_subjects = state_dict[subjects].shape[0] if subjects in state_dict else 0
-            return state_dict[frozen].shape[0] + int(newest in state_dict), state_dict[keys].shape[0], num_subjects
+            num_subjects, vocab = (state_dict[k].shape[0] if k in state_dict else 0 for k in (subjects, marks))
+            experts = state_dict[frozen].shape[0] + int(newest in state_dict)
+            return experts, state_dict[keys].shape[0], num_subjects, vocab
     return None

@@ -1,8 +1,10 @@
 """KV anchor routing: routing queries, their calibration, expert selection, and the state that keeps routing
 identical whether a sequence is scored in one forward pass or generated token by token with a KV cache.
 
-The routing query of token t is the running mean of the adaptor layer's input over tokens 1..t ("causal_mean", an
-instance-level embedding of everything read so far) or the input at t alone ("token"). An anchor made from an edit
+The routing query of token t is the running mean of the adaptor layer's input over the tokens of its sentence so far
+("causal_mean", an instance-level embedding of what is being asked) or the input at t alone ("token"). The mean
+restarts where a sentence begins (:func:`sentence_starts`: after a token ending in "." or "!" and whitespace), so a
+question preceded by other sentences is pooled as it would be on its own. An anchor made from an edit
 whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
 some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which
 relation and wording are asked about; the gate tells about whom, so a prompt with the same template but another
@@ -24,7 +26,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,9 @@ RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d)
 class RouteState:
     """What a LEMoE layer carries from one call to the next during cached generation."""
 
-    sums: RunningSums  # running sums of the layer input (causal-mean queries)
+    read: torch.Tensor  # (B, 1) valid tokens read so far
+    sums: dict[str, RunningSums] = field(default_factory=dict)  # per adapter: sums since the sentence began
+    marks: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last token's marks (B,)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
     prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: prompt-end routes (B, k)
     recent_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read (B, L - 1)
@@ -51,9 +55,13 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
 
 
 def causal_mean(
-    x: torch.Tensor, valid: torch.Tensor | None = None, prefix: RunningSums | None = None
+    x: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    prefix: RunningSums | None = None,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RunningSums]:
-    """Running mean of ``x`` (B, T, d) over the valid tokens up to each position, continuing from ``prefix``.
+    """Running mean of ``x`` (B, T, d) over the valid tokens up to each position, continuing from ``prefix``; where
+    ``starts`` (B, T) is true the mean starts again from that token (earlier tokens and the prefix no longer count).
 
     Returns the means (B, T, d) in float32 and the running sums after the last position.
     """
@@ -61,11 +69,64 @@ def causal_mean(
     weight = torch.ones(x.shape[:2], device=x.device, dtype=dtype) if valid is None else valid.to(dtype)
     sums = (x.to(dtype) * weight[..., None]).cumsum(dim=1)
     counts = weight.cumsum(dim=1)[..., None]
+    continued: torch.Tensor | float = 1.0  # where the prefix still counts
+    if starts is not None:
+        position = torch.arange(x.shape[1], device=x.device).expand_as(starts)
+        begin = torch.where(starts, position, -1).cummax(dim=1).values[..., None]  # the last start so far (-1: none)
+        before = begin.clamp_min(0)
+        sums = sums - F.pad(sums, (0, 0, 1, 0))[:, :-1].gather(1, before.expand_as(sums))
+        counts = counts - F.pad(counts, (0, 0, 1, 0))[:, :-1].gather(1, before)
+        continued = (begin < 0).to(dtype)
     if prefix is not None:
-        sums = sums + prefix[0][:, None]
-        counts = counts + prefix[1][:, None]
+        sums = sums + prefix[0][:, None] * continued
+        counts = counts + prefix[1][:, None] * continued
     means = (sums / counts.clamp_min(1)).to(torch.float32)
     return means, (sums[:, -1], counts[:, -1])
+
+
+# bits of a token's marks (:func:`token_marks`)
+SENTENCE_END, SPACE_BEFORE, SPACE_AFTER = 1, 2, 4
+
+
+def token_marks(tokenizer: Any) -> torch.Tensor:
+    """Marks (V,) uint8 of every token id of ``tokenizer``: whether its text ends a sentence (ends in "." or "!",
+    trailing whitespace aside), starts with whitespace, or ends with whitespace. Special tokens have none.
+
+    A token's text is read after an ordinary word, so tokenizers that drop a leading space at the start of a text
+    (SentencePiece) still show it.
+    """
+    lead = tokenizer("a", add_special_tokens=False).input_ids[-1:]
+    shown = len(tokenizer.decode(lead))
+    size = len(tokenizer)
+    texts = [text[shown:] for text in tokenizer.batch_decode([lead + [i] for i in range(size)])]
+    marks = torch.tensor(
+        [
+            SENTENCE_END * text.rstrip().endswith((".", "!"))
+            + SPACE_BEFORE * text[:1].isspace()
+            + SPACE_AFTER * text[-1:].isspace()
+            for text in texts
+        ],
+        dtype=torch.uint8,
+    )
+    marks[list(tokenizer.all_special_ids)] = 0
+    return marks
+
+
+def sentence_starts(
+    ids: torch.Tensor, marks: torch.Tensor, valid: torch.Tensor | None = None, previous: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a new sentence begins in ``ids`` (B, T), by the token ``marks`` (V,): the token before ends a sentence
+    and whitespace separates the two. ``previous`` (B,) are the marks of the token read before ``ids`` (cached
+    generation). Returns the starts (B, T) and the marks of each row's last token (B,), to continue from."""
+    known = (ids >= 0) & (ids < marks.shape[0])
+    read = torch.where(known, marks[ids.clamp(0, marks.shape[0] - 1)], 0)
+    if valid is not None:
+        read = read.masked_fill(~valid, 0)  # padding neither ends nor begins a sentence
+    first = read.new_zeros(ids.shape[0], 1) if previous is None else previous.to(read)[:, None]
+    before = torch.cat([first, read[:, :-1]], dim=1)
+    spaced = ((read & SPACE_BEFORE) | (before & SPACE_AFTER)) > 0
+    starts = ((before & SENTENCE_END) > 0) & spaced
+    return starts if valid is None else starts & valid, read[:, -1]
 
 
 def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,6 +312,14 @@ def keep_experts(experts: torch.Tensor, weights: torch.Tensor, kept: torch.Tenso
     weights = weights * keep
     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     return experts.masked_fill(~keep, -1), weights
+
+
+class LayerInputs(NamedTuple):
+    """A LEMoE layer's input in one forward call, as :meth:`LEMoEModel.capture_layer_inputs` records it."""
+
+    x: torch.Tensor  # (B, T, d_in)
+    valid: torch.Tensor | None  # (B, T) real (non-padding) tokens; None: no padding
+    ids: torch.Tensor | None  # (B, T) the input ids; None: the call passed embeddings
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import lemoe_peft  # noqa: E402,F401  (registers the PEFT type)
+from lemoe_peft.routing import SENTENCE_END, SPACE_BEFORE  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
@@ -96,11 +97,19 @@ def give_expert(
     return expert
 
 
+def sentence_marks(ends_every: int = 3) -> torch.Tensor:
+    """Token marks for the tiny vocabulary: every token begins with whitespace and every ``ends_every``-th ends a
+    sentence, so random token sequences hold several sentences."""
+    marks = torch.full((VOCAB,), SPACE_BEFORE, dtype=torch.uint8)
+    marks[::ends_every] |= SENTENCE_END
+    return marks
+
+
 WORDS = """
     paris rome berlin madrid london oslo vienna lisbon is in the capital of france italy germany spain norway
     austria portugal england europe asia who wrote hamlet faust shakespeare goethe tolstoy what colour sky blue
     green red a an city country river nile danube amazon flows through egypt brazil painted guernica picasso
-    dali mona lisa leonardo grass ocean deep
+    dali mona lisa leonardo grass ocean deep . !
 """.split()
 
 

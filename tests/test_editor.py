@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from lemoe_peft import LEMoEConfig, LEMoEEditor
+from lemoe_peft import LEMoEConfig, LEMoEEditor, token_marks
 from lemoe_peft.editor import EditorSettings
 from lemoe_peft.evaluation import evaluate_edits
 from lemoe_peft.inspection import which_expert
@@ -95,6 +95,16 @@ def test_order_planning_is_deterministic_and_switchable():
     assert sorted(p for batch in planned for p in batch) == sorted(r.prompt for r in REQUESTS)
     plain = LEMoEEditor(model, tiny_tokenizer(), batch_size=3).plan(REQUESTS)  # the default: arrival order
     assert [r.prompt for r in plain[0]] == [f[0] for f in FACTS[:3]]
+
+
+@pytest.mark.parametrize("restart", ["sentence", "off"])
+def test_the_editor_gives_the_adapter_its_tokenizers_marks_before_calibrating(restart):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_restart=restart))
+    LEMoEEditor(model, tiny_tokenizer(), calibration=CALIBRATION, **SETTINGS).ensure_calibrated()
+    (layer,) = model.base_model.lemoe_layers().values()
+    expected = token_marks(tiny_tokenizer()) if restart == "sentence" else torch.zeros(0, dtype=torch.uint8)
+    assert torch.equal(layer.lemoe_token_marks["default"], expected)
+    assert model.peft_config["default"].route_vocab_size == len(expected)
 
 
 def test_undo_removes_one_batch_and_keeps_the_others():

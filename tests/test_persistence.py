@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lemoe_peft import LEMoEConfig
 
-from .helpers import give_expert, tiny_model, token_batch
+from .helpers import give_expert, sentence_marks, tiny_model, token_batch
 
 INPUTS = token_batch()
 
@@ -27,6 +27,7 @@ def saved(tmp_path):
     tiny_model().save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
+    model.base_model.set_token_marks(sentence_marks())
     give_expert(model, INPUTS)
     give_expert(model, token_batch(seed=5))
     model.peft_config["default"].edit_log = [{"expert": 0, "requests": []}, {"expert": 1, "requests": []}]
@@ -42,6 +43,8 @@ def test_adapter_folder_holds_only_json_safetensors_and_the_card(saved):
     config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
     assert config["num_experts"] == 2 and config["num_anchors"] == 2 * INPUTS.numel()
     tensors = load_file(saved / "adapter" / "adapter_model.safetensors")
+    assert torch.equal(tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_token_marks"], sentence_marks())
+    assert config["route_vocab_size"] == len(sentence_marks())
     assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_frozen_A"].shape == (1, 64, 4)
     keys = tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_keys"]
     assert keys.shape == (2 * INPUTS.numel(), 2 * 64)  # the mean and the token half
@@ -249,16 +252,21 @@ def test_every_way_of_loading_keeps_the_edit_log_and_a_resave_keeps_it(saved, lo
     ],
     ids=["LEMoEConfig", "AutoPeftModel", "PeftModel", "load_adapter"],
 )
-def test_an_adapter_saved_before_the_subject_margin_and_generated_token_rule_existed_routes_as_it_did(saved, load):
+def test_an_adapter_saved_before_the_subject_margin_generated_token_rule_and_restart_existed_routes_as_it_did(
+    saved, load
+):
     path = saved / "adapter" / "adapter_config.json"
     fields = json.loads(path.read_text())
     assert fields.pop("route_subject_margin") == 0.0
     assert fields.pop("route_generated_tokens") == "prompt_experts"
-    fields.pop("route_subject_names")
+    assert fields.pop("route_restart") == "sentence"
+    fields.pop("route_subject_names"), fields.pop("route_vocab_size")
     path.write_text(json.dumps(fields))
+    weights = saved / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.endswith("lemoe_token_marks")}, weights)
     config = load(saved / "adapter")
     assert config.route_subject_margin is None and config.route_generated_tokens == "any"
-    assert config.route_subject_names == "off"
+    assert config.route_subject_names == "off" and config.route_restart == "off" and config.route_vocab_size == 0
 
 
 def _loaded_as_second(folder):

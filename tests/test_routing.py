@@ -4,20 +4,23 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from lemoe_peft import LEMoEConfig
+from lemoe_peft import LEMoEConfig, token_marks
 from lemoe_peft.routing import (
+    SENTENCE_END,
+    SPACE_BEFORE,
     causal_mean,
     experts_from_scores,
     named_subjects,
     route_projection,
     select_experts,
+    sentence_starts,
     subject_presence,
     token_counts,
     whiten,
     whitening_statistics,
 )
 
-from .helpers import give_expert, tiny_model, token_batch
+from .helpers import give_expert, sentence_marks, tiny_model, tiny_tokenizer, token_batch
 
 
 def test_causal_mean_continues_from_a_prefix_exactly():
@@ -34,6 +37,42 @@ def test_causal_mean_ignores_padding():
     valid = torch.tensor([[False, False, True, True, True]])
     means, _ = causal_mean(x, valid)
     assert torch.allclose(means[0, 3], x[0, 2:4].mean(dim=0), atol=1e-6)
+
+
+def test_causal_mean_restarts_where_a_sentence_begins_in_one_pass_and_across_calls():
+    x = torch.randn(2, 8, 5, dtype=torch.float64)
+    starts = torch.zeros(2, 8, dtype=torch.bool)
+    starts[0, 3] = starts[0, 6] = True
+    whole, _ = causal_mean(x, starts=starts)
+    assert torch.allclose(whole[0, 2], x[0, :3].mean(dim=0).float(), atol=1e-6), "before the first start: all"
+    assert torch.allclose(whole[0, 5], x[0, 3:6].mean(dim=0).float(), atol=1e-6)
+    assert torch.allclose(whole[0, 7], x[0, 6:].mean(dim=0).float(), atol=1e-6)
+    assert torch.allclose(whole[1], causal_mean(x[1:])[0][0]), "a row without starts is the plain running mean"
+    for split in (2, 4, 7):  # a start after, before and inside the split
+        first, sums = causal_mean(x[:, :split], starts=starts[:, :split])
+        rest, _ = causal_mean(x[:, split:], prefix=sums, starts=starts[:, split:])
+        assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-12)
+
+
+def test_a_sentence_begins_after_a_sentence_end_and_whitespace():
+    tokenizer = tiny_tokenizer()
+    marks = token_marks(tokenizer)
+    assert marks.shape == (len(tokenizer),)
+    vocab = tokenizer.get_vocab()
+    assert marks[vocab["."]] == marks[vocab["!"]] == SENTENCE_END | SPACE_BEFORE
+    assert marks[vocab["paris"]] == SPACE_BEFORE and marks[vocab["[PAD]"]] == 0
+    ids = torch.tensor(tokenizer(["paris is in france . who wrote hamlet ! the"] * 2).input_ids)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, 4] = False  # the first "." as padding
+    starts, last = sentence_starts(ids, marks, valid)
+    assert starts[0].nonzero()[:, 0].tolist() == [5, 9] and starts[1].nonzero()[:, 0].tolist() == [9]
+    before, previous = sentence_starts(ids[:, :5], marks, valid[:, :5])
+    after, _ = sentence_starts(ids[:, 5:], marks, valid[:, 5:], previous)
+    assert torch.equal(torch.cat([before, after], dim=1), starts), "a sentence end read in an earlier call counts"
+    assert torch.equal(last, marks[ids[:, -1]])
+    glued = marks.clone()
+    glued[vocab["who"]] = 0  # written without whitespace before it: "france .who" is not a new sentence
+    assert not sentence_starts(ids[:1], glued)[0][0, 5]
 
 
 def test_whitening_equalises_principal_directions_and_shrinks_the_rest():
@@ -102,6 +141,39 @@ def test_generation_with_kv_cache_routes_like_teacher_forcing(pooling):
     generated, forced, base = _generated_forced_and_base(*_edited_model(pooling))
     assert not torch.allclose(forced, base, atol=1e-2), "the expert must be active on the generated tokens"
     assert torch.allclose(generated, forced, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
+def test_generation_with_kv_cache_routes_like_teacher_forcing_across_sentence_starts(pooling):
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling, route_generated_tokens="any")
+    model = get_peft_model(tiny_model(), config)
+    marks = sentence_marks()
+    model.base_model.set_token_marks(marks)
+    prompt = token_batch(1, 6, seed=3)
+    with torch.no_grad():
+        continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    starts, _ = sentence_starts(continuation, marks)
+    assert starts[0, 1:6].any() and starts[0, 6:].any(), "sentences begin in the prompt and in the generated tokens"
+    give_expert(model, continuation, scale=3.0)
+    (layer,) = model.base_model.lemoe_layers().values()
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(input_ids=continuation)
+    (inputs,) = captured.values()
+    restarted, whole = (layer.pooled_queries("default", inputs.x, None, ids) for ids in (continuation, None))
+    assert not torch.allclose(restarted, whole), "the query restarted"
+    generated, forced, base = _generated_forced_and_base(model, prompt)
+    assert not torch.allclose(forced, base, atol=1e-2), "the expert must be active on the generated tokens"
+    assert torch.allclose(generated, forced, atol=1e-4)
+    with pytest.raises(RuntimeError, match="frozen once anchors exist"):
+        model.base_model.set_token_marks(marks)
+
+
+def test_route_restart_off_pools_everything_read_whatever_the_marks():
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_restart="off"))
+    model.base_model.set_token_marks(sentence_marks())
+    (layer,) = model.base_model.lemoe_layers().values()
+    x, ids = torch.randn(1, 9, layer.in_features), token_batch(1, 9, seed=3)
+    assert torch.equal(layer.pooled_queries("default", x, None, ids), layer.pooled_queries("default", x))
 
 
 def test_a_generated_token_reaches_only_the_experts_the_prompts_last_token_reached():
@@ -276,7 +348,7 @@ def test_an_anchor_gated_by_a_subject_serves_no_token_before_the_subject(names):
     with torch.no_grad(), tuner.capture_layer_inputs() as captured:
         model(input_ids=continuation)
     ((name, layer),) = tuner.lemoe_layers().items()
-    experts, _ = layer.route_sequences("default", *captured[name], continuation)
+    experts, _ = layer.route_sequences("default", *captured[name])
     assert (experts[0, :3, 0] == -1).all(), "before the subject is read its anchors are closed"
     assert (experts[0, 3:, 0] == 0).all(), "from the subject on, the anchors route as before"
     assert model.peft_config["default"].num_subjects == 1
@@ -334,8 +406,8 @@ def test_a_subject_is_read_through_any_of_its_keys(alias):
 
 
 def _seven_experts_and_a_text():
-    """Six gated experts and one ungated, and a text that names one of the six subjects: the layer, the text's
-    layer inputs and padding mask, and its ids."""
+    """Six gated experts and one ungated, and a text that names one of the six subjects: the layer and the text's
+    layer inputs (with its ids)."""
     model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
     for seed in range(6):  # most anchors' subjects are not in the text below
         give_expert(model, token_batch(1, 7, seed=40 + seed), subject_position=2 + seed % 4)
@@ -344,11 +416,11 @@ def _seven_experts_and_a_text():
     with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
         model(input_ids=text)
     ((name, layer),) = model.base_model.lemoe_layers().items()
-    return layer, captured[name], text
+    return layer, captured[name]
 
 
 def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(monkeypatch):
-    layer, inputs, _ = _seven_experts_and_a_text()
+    layer, inputs = _seven_experts_and_a_text()
     sparse = layer.route_sequences("default", *inputs)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the dense path torch.compile traces
     dense = layer.route_sequences("default", *inputs)
@@ -357,14 +429,14 @@ def test_scoring_only_the_read_subjects_anchors_routes_exactly_like_scoring_all(
 
 
 def test_gated_anchor_scores_reduced_per_expert_route_like_a_forward_pass():
-    layer, inputs, text = _seven_experts_and_a_text()
-    scores = layer.anchor_scores("default", *inputs, text)
+    layer, inputs = _seven_experts_and_a_text()
+    scores = layer.anchor_scores("default", *inputs)
     passed = scores.masked_fill(scores < layer.lemoe_key_threshold["default"], float("-inf"))
     settings = layer.lemoe_settings["default"]
     experts = experts_from_scores(
         passed, layer.lemoe_key_expert["default"], layer.num_experts("default"), settings.top_k, settings.temperature
     )
-    routed = layer.route_sequences("default", *inputs, text)
+    routed = layer.route_sequences("default", *inputs)
     assert all(torch.equal(a, b) for a, b in zip(experts, routed, strict=True))
     closed = torch.isinf(scores[0, -1]) & (layer.lemoe_key_subject["default"] >= 0)
     assert closed.any() and torch.isfinite(scores[0, -1]).any(), "the gate closes the anchors of unread subjects"
@@ -393,7 +465,7 @@ def test_mean_and_token_queries_score_a_weighted_sum_of_the_two_cosines():
     assert layer.lemoe_subjects["default"].shape[1] == 8 and layer.lemoe_route_projection["default"].shape[1] == 8
     with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
         model(input_ids=token_batch(1, 7, seed=6))
-    x, valid = captured[next(iter(captured))]
+    x, valid, _ = captured[next(iter(captured))]
     score = layer.route_queries("default", layer.pooled_queries("default", x, valid)) @ layer.lemoe_keys["default"].T
     stats = layer.lemoe_route_mean["default"], layer.lemoe_route_projection["default"]
     key_means, key_tokens = (whiten(part, *stats, normalize=True) for part in _raw_parts(model, layer, anchored))
