@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 
 from lemoe_peft import EditRequest, LEMoEConfig, LEMoEEditor, evaluate_edits, load_edit_requests
 from lemoe_peft.evaluation import generated_answer_hits
+from lemoe_peft.routing import sentence_starts, token_marks
 from lemoe_peft.teacher_forcing import subject_spellings
 
 from .helpers import DATA_DIR
@@ -148,6 +149,25 @@ def test_prompts_about_another_subject_keep_their_answers_under_generate(smollm2
     assert names["locality_gen_acc"] >= 0.95, names["locality_gen_acc"]
     assert keys["locality_gen_acc"] >= 0.85 and no_gate["locality_gen_acc"] <= 0.8, (keys, no_gate)
     assert names["rephrase_gen_acc"] >= keys["rephrase_gen_acc"], (names, keys)
+
+
+def test_a_rephrase_after_an_unrelated_sentence_reaches_its_edit_under_generate(smollm2):
+    """A sixth of CounterFact's rephrases put an unrelated sentence before the question ("It is found in Palestine.
+    M5 motorway can be found in"): the routing query, restarted where the question's sentence begins, answers twice
+    as many of them under generate() as a query over the whole prompt, and the neighbours keep their answers."""
+    _, tokenizer = smollm2
+    marks = token_marks(tokenizer)
+    requests = [
+        dataclasses.replace(r, rephrase_prompts=r.rephrase_prompts[:1])
+        for r in load_edit_requests(COUNTERFACT, limit=200)
+        if r.rephrase_prompts
+        and sentence_starts(torch.tensor([tokenizer(r.rephrase_prompts[0].rstrip()).input_ids]), marks)[0].any()
+    ]
+    assert len(requests) == 36
+    restarted = _edit_and_evaluate(smollm2, requests)
+    whole = _edit_and_evaluate(smollm2, requests, route_restart="off")
+    assert restarted["rephrase_gen_acc"] >= whole["rephrase_gen_acc"] + 0.15, (restarted, whole)  # 0.50 and 0.25
+    assert restarted["rewrite_gen_acc"] == 1.0 and restarted["locality_gen_acc"] >= 0.95, restarted
 
 
 def test_a_subject_that_opens_its_prompt_is_also_named_as_a_sentence_writes_it_within(smollm2):
