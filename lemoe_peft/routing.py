@@ -2,9 +2,10 @@
 identical whether a sequence is scored in one forward pass or generated token by token with a KV cache.
 
 The routing query of token t is the running mean of the adaptor layer's input over the tokens of its sentence so far
-("causal_mean", an instance-level embedding of what is being asked) or the input at t alone ("token"). The mean
-restarts where a sentence begins (:func:`sentence_starts`: after a token ending in "." or "!" and whitespace), so a
-question preceded by other sentences is pooled as it would be on its own. An anchor made from an edit
+("causal_mean", an instance-level embedding of what is being asked) or the input at t alone ("token"). With
+``route_restart="sentence"`` the mean restarts where a sentence begins (:func:`sentence_starts`: after a token ending
+in "." or "!" and whitespace, as the adapter's :func:`token_marks` tell), so a question after other sentences is
+pooled as it would be on its own. An anchor made from an edit
 whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
 some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which
 relation and wording are asked about; the gate tells about whom, so a prompt with the same template but another
