@@ -486,22 +486,41 @@ class LEMoELayer(BaseTunerLayer):
         named: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Which edited subjects each token of ``x`` (B, T, d_in) has read: (B, T, S) booleans (a subject is read
-        once any of its keys is), and the best score of every key so far (B, T, S) to continue from; (None, None)
-        when no anchor is gated. ``named`` (B, T, S) says where a key's subject name ends (see
+        once any of its keys is), and the best score of every key after the last token (B, S) to continue from;
+        (None, None) when no anchor is gated. ``named`` (B, T, S) says where a key's subject name ends (see
         ``route_subject_names``; None: names are not read)."""
         settings = self.lemoe_settings[adapter_name]
         threshold = settings.subject_threshold
         subjects, alias = self.lemoe_subjects[adapter_name], self.lemoe_subject_alias[adapter_name]
         if threshold is None or subjects.shape[0] == 0:
             return None, None
-        if named is not None and settings.subject_names == "only":
+        by_name = named is not None and settings.subject_names == "only"
+        if by_name and not torch.compiler.is_compiling():
+            return self._read_by_name(adapter_name, named, prefix)
+        if by_name:
             scores = x.new_full(named.shape, float("-inf"), dtype=torch.float32)
         else:
             scores = self.subject_queries(adapter_name, x) @ subjects.float().T
         presence = subject_presence(scores, counts, valid, prefix, settings.subject_margin, named)
         read = presence.new_full(presence.shape, float("-inf"))
         read = read.scatter_reduce(-1, alias.expand_as(presence), presence, reduce="amax")
-        return read >= threshold, presence
+        return read >= threshold, presence[:, -1]
+
+    def _read_by_name(
+        self, adapter_name: str, named: torch.Tensor, prefix: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`subject_gate` where subjects are read by name alone: a key is read from where its name ends on
+        (score 1; -inf before). Only the keys named in this call or read before it are computed, so the cost
+        follows the names a text holds, not the number of edited subjects (the result is the general path's)."""
+        batch, tokens, count = named.shape
+        before = named.new_zeros(batch, count) if prefix is None else prefix > float("-inf")
+        columns = (named.any(dim=1).any(dim=0) | before.any(dim=0)).nonzero()[:, 0]
+        seen = (named[..., columns].cumsum(dim=1) > 0) | before[:, None, columns]  # (B, T, C)
+        alias = self.lemoe_subject_alias[adapter_name][columns]
+        read = named.new_zeros(batch, tokens, count, dtype=torch.uint8).index_add_(-1, alias, seen.to(torch.uint8))
+        presence = torch.full((batch, count), float("-inf"), device=named.device)
+        presence[:, columns] = torch.where(seen[:, -1], 1.0, float("-inf"))
+        return read > 0, presence
 
     def route(
         self, adapter_name: str, pooled: torch.Tensor, read: torch.Tensor | None = None
@@ -594,7 +613,7 @@ class LEMoELayer(BaseTunerLayer):
             self._named(adapter_name, call),
         )
         if presence is not None:
-            call["state"].presence[adapter_name] = presence[:, -1]
+            call["state"].presence[adapter_name] = presence
         means = partial(self._call_means, adapter_name, x, call)
         experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, means), read)
         if self.lemoe_settings[adapter_name].generated_tokens == "any":

@@ -150,13 +150,23 @@ def named_subjects(
         recent = ids.new_full((ids.shape[0], width - 1), -2)
     read = torch.cat([recent.to(ids), ids], dim=1)
     windows = read.unfold(1, width, 1)  # (B, T, L): the ids ending at each token
-    named = (names >= 0).any(dim=1).expand(*ids.shape, -1)
-    # columns no name reaches are skipped (except under torch.compile: a data-dependent range breaks the graph)
-    first = 0 if torch.compiler.is_compiling() else int((names < 0).all(dim=0).sum())
-    for column in range(first, width):
+    recent = read[:, read.shape[1] - width + 1 :]
+    if torch.compiler.is_compiling():  # static shapes: every name, every column
+        return _names_ending(windows, names, 0), recent
+    # only names whose last id occurs can end in this call, and columns no name reaches are skipped
+    ending = torch.isin(names[:, -1], ids).nonzero()[:, 0]
+    named = windows.new_zeros(*ids.shape, names.shape[0], dtype=torch.bool)
+    named[..., ending] = _names_ending(windows, names[ending], int((names[ending] < 0).all(dim=0).sum()))
+    return named, recent
+
+
+def _names_ending(windows: torch.Tensor, names: torch.Tensor, first: int) -> torch.Tensor:
+    """Which ``names`` (S, L) end at each window (B, T, L) of ids, comparing columns ``first`` to L - 1."""
+    named = (names >= 0).any(dim=1).expand(*windows.shape[:2], -1)
+    for column in range(first, names.shape[1]):
         wanted = names[:, column]
         named = named & ((windows[..., column, None] == wanted) | (wanted < 0))
-    return named, read[:, read.shape[1] - width + 1 :]
+    return named
 
 
 def subject_presence(

@@ -261,6 +261,19 @@ def test_named_subjects_finds_names_where_they_end_across_calls_and_never_across
     assert padded[0].nonzero().tolist() == [[4, 0], [5, 3]], "padding breaks the name it falls in"
 
 
+def test_named_subjects_compares_only_the_names_that_can_end_here_and_finds_what_comparing_all_finds(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (2, 40), generator=generator)
+    names = torch.randint(0, 6, (300, 3), generator=generator)
+    names[::3, 0] = -1  # some two-id names
+    names[::7] = -1  # some rows name nothing
+    names[100:, -1] = torch.randint(6, 9, (200,), generator=generator)  # ids the text never holds
+    fast, _ = named_subjects(ids, names)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # every name, every column
+    every, _ = named_subjects(ids, names)
+    assert fast.any() and torch.equal(fast, every)
+
+
 def test_a_named_subject_scores_one_from_where_its_name_ends():
     scores = torch.tensor([[[0.0, 0.0], [0.75, 0.25], [0.5, 0.375]]])  # (B=1, T=3, S=2)
     named = torch.tensor([[[False, True], [False, False], [False, False]]])
