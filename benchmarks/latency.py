@@ -3,6 +3,7 @@ forward pass (:func:`measure`, run by ``benchmarks.lifelong``), or ``generate()`
 under each ``route_generated_tokens`` rule (:func:`measure_generation`):
 
     python -m benchmarks.latency --adapter bench-results/full/zsre/adapters/lemoe-T1000
+    python -m benchmarks.latency --adapter bench-results/stream/counterfact-train/adapter --forward --out F.json
 """
 
 from __future__ import annotations
@@ -117,8 +118,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "generation_latency.json")
+    parser.add_argument("--forward", action="store_true", help="time a 32-token forward instead (as the stream does)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.forward:  # generic text, and the adapter's first edit prompt repeated
+        config = LEMoEConfig.from_pretrained(str(args.adapter))
+        rows = measure(args.cache, {config.num_experts: args.adapter}, config.edit_log[0]["requests"][0]["prompt"])
+        write_json_atomic(args.out, {"adapter": str(args.adapter), "rows": rows})
+        for row in rows:
+            print(f"{row['input']}: {row['lemoe_ms']:.1f} ms, {row['ratio']:.3f}x base", flush=True)
+        return
     prompts = [r.prompt for r in requests_for("zsre", args.prompts)]
     rows = measure_generation(args.cache, args.adapter, prompts, args.new_tokens, args.rounds)
     write_json_atomic(args.out, {"adapter": str(args.adapter), "prompts": len(prompts), "rows": rows})
