@@ -591,13 +591,12 @@ class LEMoELayer(BaseTunerLayer):
             valid = None if context is None or context.valid is None else context.valid
             valid = valid if valid is not None and valid.shape == x.shape[:2] else None
             prefix = None if context is None else context.prefix.get(id(self))
-            prefix = prefix if prefix is not None and prefix.read.shape[0] == x.shape[0] else None
-            ids = None if context is None else context.ids
-            counts = token_counts(x, valid, None if prefix is None else prefix.read)
+            prefix = prefix if prefix is not None and prefix.tokens.shape[0] == x.shape[0] else None
+            counts = token_counts(x, valid, None if prefix is None else prefix.tokens)
             call.update(
                 valid=valid,
                 prefix=prefix,
-                ids=ids if ids is not None and ids.shape == x.shape[:2] else None,
+                ids=_ids_of(context, x),
                 counts=counts,
                 state=RouteState(counts[:, -1:]),
             )
@@ -714,10 +713,9 @@ class LEMoELinear(nn.Module, LEMoELayer):
         context = self.routing_session.context(x.shape[0])
         sequences = self._as_sequences(x, context)
         if self.routing_session.captured is not None:
-            valid, ids = (None, None) if context is None else (context.valid, context.ids)
-            self.routing_session.captured[id(self)] = LayerInputs(
-                sequences.detach(), valid, ids if ids is not None and ids.shape == sequences.shape[:2] else None
-            )
+            valid = None if context is None else context.valid
+            inputs = LayerInputs(sequences.detach(), valid, _ids_of(context, sequences))
+            self.routing_session.captured[id(self)] = inputs
         if self.disable_adapters:
             return result
         call: dict[str, Any] = {}
@@ -758,6 +756,12 @@ class LEMoELinear(nn.Module, LEMoELayer):
 
     def __repr__(self) -> str:
         return "lemoe." + super().__repr__()
+
+
+def _ids_of(context: CallContext | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The input ids (B, T) of the forward call ``context`` describes, if it passed ids for the tokens of ``x``."""
+    ids = None if context is None else context.ids
+    return ids if ids is not None and ids.shape == x.shape[:2] else None
 
 
 def _is_prefix(kept: torch.Tensor) -> bool:

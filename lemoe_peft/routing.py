@@ -41,7 +41,7 @@ RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d)
 class RouteState:
     """What a LEMoE layer carries from one call to the next during cached generation."""
 
-    read: torch.Tensor  # (B, 1) valid tokens read so far
+    tokens: torch.Tensor  # (B, 1) valid tokens read so far
     sums: dict[str, RunningSums] = field(default_factory=dict)  # per adapter: sums since the sentence began
     marks: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last token's marks (B,)
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
