@@ -17,7 +17,7 @@ from .evaluation import evaluate_edits, locality_generation_reference, locality_
 from .generation import GenerationSettings  # noqa: E402
 from .loaders import load_edit_requests  # noqa: E402
 from .requests import EditRequest, Probe, RequestError  # noqa: E402
-from .routing import token_marks  # noqa: E402
+from .routing import chat_markers, token_marks  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "LEMoEModel",
     "Probe",
     "RequestError",
+    "chat_markers",
     "evaluate_edits",
     "load_edit_requests",
     "locality_generation_reference",

@@ -40,6 +40,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-generation", action="store_true", help="skip the generation-based metrics (greedy generate())"
     )
+    parser.add_argument(
+        "--ask-in-chat", action="store_true", help="score every prompt sent through the tokenizer's chat template"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +175,13 @@ def _edit(args: argparse.Namespace) -> None:
         **{key: value for key, value in vars(editor.settings).items()},
     }
     results = evaluate_edits(
-        model, tokenizer, requests, protocol=protocol, generation=not args.no_generation, progress=True
+        model,
+        tokenizer,
+        requests,
+        protocol=protocol,
+        generation=not args.no_generation,
+        progress=True,
+        chat=args.ask_in_chat,
     )
     _print_table(f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream", results, extra)
     _write_json(args.json, results)
@@ -186,7 +195,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     model = PeftModel.from_pretrained(base, str(args.adapter))
     protocol = {"model": args.model, "adapter": str(args.adapter), "data": f"{args.data} (first {len(requests)})"}
     results = evaluate_edits(
-        model, tokenizer, requests, protocol=protocol, generation=not args.no_generation, progress=True
+        model,
+        tokenizer,
+        requests,
+        protocol=protocol,
+        generation=not args.no_generation,
+        progress=True,
+        chat=args.ask_in_chat,
     )
     _print_table(f"{args.adapter} on {args.model}: {len(requests)} requests", results, {})
     _write_json(args.json, results)

@@ -112,6 +112,20 @@ class LEMoEConfig(PeftConfig):
     route_vocab_size: int = field(
         default=0, metadata={"help": "Token ids the adapter holds marks for (set with set_token_marks; 0: none)."}
     )
+    route_chat_opening: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Ids the chat template writes before a user's message; the routing query's running mean starts "
+            "again after them, so a system message or earlier turns do not count (set with set_chat_markers)."
+        },
+    )
+    route_chat_reply: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "Ids the chat template writes between a user's message and the assistant's reply: routed with the "
+            "message's query and left out of the running mean, so the reply is routed as the message is."
+        },
+    )
     route_similarity: Literal["cosine", "dot"] = field(
         default="cosine", metadata={"help": "Score between a query and an anchor key."}
     )
@@ -251,6 +265,10 @@ class LEMoEConfig(PeftConfig):
             (
                 isinstance(self.route_vocab_size, int) and self.route_vocab_size >= 0,
                 "route_vocab_size must be an integer >= 0",
+            ),
+            (
+                all(isinstance(i, int) and i >= 0 for i in [*self.route_chat_opening, *self.route_chat_reply]),
+                "route_chat_opening and route_chat_reply must be lists of token ids",
             ),
             (0.0 < self.route_token_weight < 1.0, "route_token_weight must lie in (0, 1)"),
             (self.route_similarity in ROUTE_SIMILARITIES, f"route_similarity must be one of {ROUTE_SIMILARITIES}"),

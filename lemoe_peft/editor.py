@@ -32,7 +32,7 @@ from .negatives import negative_prompts, subject_span
 from .planning import plan_batches
 from .replay import LowerLayerReplay
 from .requests import EditRequest
-from .routing import token_marks
+from .routing import chat_markers, token_marks
 from .teacher_forcing import (
     TeacherForcedBatch,
     answer_logits,
@@ -119,6 +119,13 @@ class EditorSettings:
             "token) where the new expert must keep the unedited predictions, so that it stops acting once the answer "
             "is written: generation repeats the answer less often, and locality rises, at a cost in generality "
             "(0: off)."
+        },
+    )
+    chat_form: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Also train each edit as the reply to its prompt sent through the tokenizer's chat template, as "
+            "users of an instruct model ask (no effect for a tokenizer without a chat template)."
         },
     )
     subject_lead: str | None = dataclasses.field(
@@ -328,7 +335,7 @@ class LEMoEEditor:
             torch.manual_seed(self.settings.seed + self.config.num_experts)
             expert = self.tuner.add_expert(self.adapter)
         self.model.eval()  # no dropout: the routing and the expert see exactly what inference will
-        batch = self._with_continuations(encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]))
+        batch = self._with_continuations(self._encoded(requests))
         layers = self.tuner.lemoe_layers(self.adapter)
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
@@ -371,6 +378,12 @@ class LEMoEEditor:
         self.config.edit_log.append(record)
         self._open = None
         return record
+
+    def _encoded(self, requests: Sequence[EditRequest]) -> TeacherForcedBatch:
+        """The requests' prompts and new targets as a teacher-forced batch, also in the chat form if trained."""
+        chat = self.settings.chat_form and bool(getattr(self.tokenizer, "chat_template", None))
+        forms = ("written", "chat") if chat else ("written",)
+        return encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests], forms)
 
     def _opened(self) -> _OpenExpert:
         if self._open is None:
@@ -432,7 +445,7 @@ class LEMoEEditor:
     def _refresh_upper_anchors(self, expert: int, requests: Sequence[EditRequest]) -> None:
         """With several LEMoE layers, the trained expert of a lower layer changes what the upper layers see: take
         their anchors again from the edited model, so that inference routes the batch as training intended."""
-        batch = encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests]).to(self.device)
+        batch = self._encoded(requests).to(self.device)
         with self.tuner.capture_layer_inputs() as captured:
             answer_logits(self.model, batch)
         upper = list(self.tuner.lemoe_layers(self.adapter))[1:]
@@ -526,7 +539,8 @@ class LEMoEEditor:
                         extra.append((i, name))
             unmatched = {name: keys.new_zeros(len(extra), keys.shape[1]) for name, keys in subjects.items()}
             add_keys(unmatched, [i for i, _ in extra], [name for _, name in extra])
-        return subjects, index[batch.predicts.nonzero()[:, 0].cpu()], torch.tensor(alias, dtype=torch.long), names
+        request_of = batch.predicts.nonzero()[:, 0].cpu() % len(requests)  # the chat-form rows follow the written
+        return subjects, index[request_of], torch.tensor(alias, dtype=torch.long), names
 
     def _forward_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """A forward pass run for the LEMoE layers' inputs (captured by the caller), not for its logits: the output
@@ -566,6 +580,7 @@ class LEMoEEditor:
             return
         if self.config.route_restart != "off":
             self.tuner.set_token_marks(token_marks(self.tokenizer), self.adapter)
+        self.tuner.set_chat_markers(*chat_markers(self.tokenizer), self.adapter)
         samples: dict[str, list[torch.Tensor]] = {}
         for captured, mask in self._run_prompts(self.calibration):
             for name, layer in self.tuner.lemoe_layers(self.adapter).items():

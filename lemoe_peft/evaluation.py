@@ -79,15 +79,21 @@ def _restated_probes(requests: Sequence[EditRequest], edits: Sequence[EditReques
 
 @torch.no_grad()
 def predicted_tokens(
-    model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 32, progress: str | None = None
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 32,
+    progress: str | None = None,
+    chat: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each (prompt, answer): the model's argmax tokens at the answer positions and the answer tokens.
-    ``progress`` names a progress bar (none when None)."""
+    """For each (prompt, answer): the model's argmax tokens at the answer positions and the answer tokens (with
+    ``chat``, the prompt sent through the chat template and the answer as the whole reply). ``progress`` names a
+    progress bar (none when None)."""
     device = input_device(model)
     results = []
     starts = range(0, len(pairs), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None or not starts, leave=False):
-        batch = encode(tokenizer, pairs[start : start + batch_size]).to(device)
+        batch = encode(tokenizer, pairs[start : start + batch_size], ("chat",) if chat else ("written",)).to(device)
         predictions = answer_logits(model, batch).argmax(dim=-1).cpu()
         results += zip(
             predictions.split(batch.answer_lengths), batch.answers.cpu().split(batch.answer_lengths), strict=True
@@ -100,10 +106,10 @@ def _locality_pairs(requests: Sequence[EditRequest]) -> list[tuple[str, str]]:
 
 
 def locality_reference(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], chat: bool = False
 ) -> list[torch.Tensor]:
     """The unedited model's argmax tokens on every locality probe (compute it before editing a model in place)."""
-    return [tokens for tokens, _ in predicted_tokens(model, tokenizer, _locality_pairs(requests))]
+    return [tokens for tokens, _ in predicted_tokens(model, tokenizer, _locality_pairs(requests), chat=chat)]
 
 
 def locality_generation_reference(
@@ -112,13 +118,16 @@ def locality_generation_reference(
     requests: Sequence[EditRequest],
     settings: GenerationSettings | None = None,
     progress: str | None = None,
+    chat: bool = False,
 ) -> list[list[int]]:
     """The unedited model's greedy continuation (token ids) of every locality prompt, for ``locality_gen_acc``
     (compute it before editing a model in place, with the settings the evaluation will use)."""
     settings = settings or GenerationSettings()
     prompts = [prompt for prompt, _ in _locality_pairs(requests)]
     budgets = [settings.locality_tokens] * len(prompts)
-    return greedy_continuations(model, tokenizer, prompts, budgets, batch_size=settings.batch_size, progress=progress)
+    return greedy_continuations(
+        model, tokenizer, prompts, budgets, batch_size=settings.batch_size, progress=progress, chat=chat
+    )
 
 
 def generated_answer_hits(
@@ -127,13 +136,23 @@ def generated_answer_hits(
     pairs: Sequence[tuple[str, str]],
     settings: GenerationSettings | None = None,
     progress: str | None = None,
+    chat: bool = False,
 ) -> list[bool]:
-    """For each (prompt, answer): whether the greedy continuation of the prompt answers with ``answer``."""
+    """For each (prompt, answer): whether the greedy continuation of the prompt (with ``chat``, sent through the chat
+    template) answers with ``answer``."""
     settings = settings or GenerationSettings()
-    budgets = [len(ids) - start + settings.extra_tokens for ids, start in (split_answer(tokenizer, *p) for p in pairs)]
+    splits = (split_answer(tokenizer, *pair, chat=chat) for pair in pairs)
+    budgets = [len(ids) - start + settings.extra_tokens for ids, start in splits]
     prompts = [prompt for prompt, _ in pairs]
     continuations = greedy_continuations(
-        model, tokenizer, prompts, budgets, stop_at_newline=True, batch_size=settings.batch_size, progress=progress
+        model,
+        tokenizer,
+        prompts,
+        budgets,
+        stop_at_newline=True,
+        batch_size=settings.batch_size,
+        progress=progress,
+        chat=chat,
     )
     return [
         answers_with(answer_text(tokenizer, tokens), answer)
@@ -171,6 +190,7 @@ def evaluate_edits(
     edits: Sequence[EditRequest] | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    chat: bool = False,
 ) -> dict[str, Any]:
     """Score ``requests`` on ``model``: per-case records, the mean of each metric, and the protocol.
 
@@ -179,7 +199,9 @@ def evaluate_edits(
     model, a missing one is computed here with the adapters disabled. ``generation=False`` skips the
     generation-based metrics (they take longer); a :class:`GenerationSettings` configures them. ``edits`` are all
     the edits the model holds, whose facts the ``locality_other`` metrics leave out (default: ``requests``; pass them
-    when scoring a sample of a stream). A metric whose probes are absent from every request is omitted.
+    when scoring a sample of a stream). With ``chat`` every prompt is sent as a user's message through the
+    tokenizer's chat template and every answer is the whole reply, as users of an instruct model ask (the
+    references must then be taken with ``chat`` too). A metric whose probes are absent from every request is omitted.
     """
     model.eval()
     settings = _generation_settings(generation)
@@ -187,14 +209,14 @@ def evaluate_edits(
     if has_locality and (reference is None or (settings is not None and generation_reference is None)):
         with _adapters_disabled(model):
             if reference is None:
-                reference = locality_reference(model, tokenizer, requests)
+                reference = locality_reference(model, tokenizer, requests, chat)
             if settings is not None and generation_reference is None:
                 generation_reference = locality_generation_reference(
-                    model, tokenizer, requests, settings, "generating locality (unedited)" if progress else None
+                    model, tokenizer, requests, settings, "generating locality (unedited)" if progress else None, chat
                 )
 
     def predict(pairs: list[tuple[str, str]], name: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return predicted_tokens(model, tokenizer, pairs, batch_size, f"scoring {name}" if progress else None)
+        return predicted_tokens(model, tokenizer, pairs, batch_size, f"scoring {name}" if progress else None, chat)
 
     def accuracies(pairs: list[tuple[str, str]], name: str) -> list[float]:
         return [(p == a).float().mean().item() for p, a in predict(pairs, name)]
@@ -215,13 +237,13 @@ def evaluate_edits(
 
         def hits(pairs: list[tuple[str, str]], name: str) -> Iterator[float]:
             label = f"generating {name}" if progress else None
-            return iter(map(float, generated_answer_hits(model, tokenizer, pairs, settings, label)))
+            return iter(map(float, generated_answer_hits(model, tokenizer, pairs, settings, label, chat)))
 
         scores["rewrite_gen_acc"] = hits(rewrite_pairs, "reliability")
         scores["rephrase_gen_acc"] = hits(rephrase_pairs, "generality")
         scores["portability_gen_acc"] = hits(portability_pairs, "portability")
         edited_generation = locality_generation_reference(
-            model, tokenizer, requests, settings, "generating locality" if progress else None
+            model, tokenizer, requests, settings, "generating locality" if progress else None, chat
         )
         scores["locality_gen_acc"] = iter(
             float(edited == list(base))
@@ -259,6 +281,7 @@ def evaluate_edits(
         "T": len(requests),
         "taken_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "generation": settings.describe() if settings is not None else None,
+        "prompts": "through the chat template" if chat else "as written",
         **(protocol or {}),
     }
     summary["cases"] = cases

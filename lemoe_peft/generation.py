@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .models import input_device
+from .teacher_forcing import chat_prompt
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,18 @@ def greedy_continuations(
     stop_at_newline: bool = False,
     batch_size: int = 16,
     progress: str | None = None,
+    chat: bool = False,
 ) -> list[list[int]]:
     """Each prompt's greedy continuation (token ids): at most its ``max_new_tokens`` tokens, ending with the first EOS
     token and (with ``stop_at_newline``) the first token whose text holds a newline. Prompts are tokenized as the
-    teacher-forced metrics tokenize them; ``progress`` names a progress bar (none when None)."""
-    rows = [tokenizer(prompt.rstrip()).input_ids for prompt in prompts]
+    teacher-forced metrics tokenize them (with ``chat``, sent through the chat template); ``progress`` names a
+    progress bar (none when None)."""
+    rows = [
+        tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+        if chat
+        else tokenizer(prompt.rstrip()).input_ids
+        for prompt in prompts
+    ]
     return greedy_token_continuations(
         model,
         tokenizer,

@@ -24,10 +24,10 @@ addition instead of a copy of everything stored. ``state_dict`` and safetensors 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,6 +45,9 @@ from .routing import (
     RouteState,
     RoutingSession,
     causal_mean,
+    chat_turn_table,
+    chat_turns,
+    hold_queries,
     keep_experts,
     last_routes,
     named_subjects,
@@ -82,6 +85,8 @@ class RouteSettings:
     whiten_rank: int
     generated_tokens: str
     restart: str
+    chat_opening: tuple[int, ...]
+    chat_reply: tuple[int, ...]
 
     @classmethod
     def from_config(cls, config: LEMoEConfig) -> RouteSettings:
@@ -98,6 +103,8 @@ class RouteSettings:
             config.route_whiten_rank,
             config.route_generated_tokens,
             config.route_restart,
+            tuple(config.route_chat_opening),
+            tuple(config.route_chat_reply),
         )
 
 
@@ -416,37 +423,84 @@ class LEMoELayer(BaseTunerLayer):
             raise ValueError(f"Token marks must have shape (V,), got {tuple(marks.shape)}.")
         self.lemoe_token_marks[adapter_name] = marks.to(self.lemoe_token_marks[adapter_name])
 
+    def set_chat_markers(self, adapter_name: str, opening: Sequence[int], reply: Sequence[int]) -> None:
+        """Set the ids a chat template writes before a user's message and between it and the reply
+        (:func:`~lemoe_peft.routing.chat_markers`). Anchors must not exist yet: they would be pooled differently."""
+        if self.num_anchors(adapter_name) > 0:
+            raise RuntimeError("Chat markers are frozen once anchors exist: new ones would move the routing queries.")
+        settings = self.lemoe_settings[adapter_name]
+        self.lemoe_settings[adapter_name] = replace(settings, chat_opening=tuple(opening), chat_reply=tuple(reply))
+
     # ---------------------------------------------------------------------------------------------------- routing
     def pooled_queries(
         self, adapter_name: str, x: torch.Tensor, valid: torch.Tensor | None = None, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix;
-        ``ids`` (B, T) are its input ids, which tell where sentences begin (None: the mean runs over everything)."""
-        starts = self._starts(adapter_name, ids, valid)[0]
-        return self._pooled(adapter_name, x, lambda: causal_mean(x, valid, None, starts)[0])
+        ``ids`` (B, T) are its input ids, which tell where sentences and chat turns begin (None: the mean runs over
+        everything)."""
+        return self._pooled(adapter_name, x, valid, ids)
 
-    def _starts(
+    def _breaks(
         self,
         adapter_name: str,
         ids: torch.Tensor | None,
         valid: torch.Tensor | None,
-        previous: torch.Tensor | None = None,
+        prefix: RouteState | None = None,
+        state: RouteState | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """:func:`~lemoe_peft.routing.sentence_starts` of ``ids`` (B, T) by this adapter's marks, continuing from the
-        ``previous`` token's marks; (None, None) where the query does not restart (no ids, no marks, restarts off)."""
-        marks = self.lemoe_token_marks[adapter_name]
-        if ids is None or marks.shape[0] == 0 or self.lemoe_settings[adapter_name].restart == "off":
-            return None, None
-        ids = ids.to(marks.device)
-        return sentence_starts(ids, marks, None if valid is None else valid.to(marks.device), previous)
+        """Where the running-mean query starts again in a call with input ``ids`` (B, T) (a new sentence, with
+        ``route_restart``; a user's message, with chat markers) and which of its tokens are held (the chat template's
+        tokens before a reply); None where none can be. Continues ``prefix``'s calls and leaves this one's in
+        ``state``."""
+        settings, marks = self.lemoe_settings[adapter_name], self.lemoe_token_marks[adapter_name]
+        starts = held = None
+        if ids is None:
+            return starts, held
+        ids, valid = ids.to(marks.device), None if valid is None else valid.to(marks.device)
+        if marks.shape[0] > 0 and settings.restart != "off":
+            previous = None if prefix is None else prefix.marks.get(adapter_name)
+            starts, last = sentence_starts(ids, marks, valid, previous)
+            if state is not None:
+                state.marks[adapter_name] = last
+        if settings.chat_opening or settings.chat_reply:
+            table = _chat_table(settings.chat_opening, settings.chat_reply, marks.device)
+            recent = None if prefix is None else prefix.turn_ids.get(adapter_name)
+            turns, held, recent = chat_turns(ids, table, valid, recent)
+            starts = turns if starts is None else starts | turns
+            if state is not None:
+                state.turn_ids[adapter_name] = recent
+        return starts, held
 
-    def _pooled(self, adapter_name: str, x: torch.Tensor, means: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Raw queries from the tokens ``x`` and their running ``means``: (..., d_in), or (..., 2 d_in) holding both
-        for ``mean_and_token``."""
+    def _pooled(
+        self,
+        adapter_name: str,
+        x: torch.Tensor,
+        valid: torch.Tensor | None,
+        ids: torch.Tensor | None,
+        prefix: RouteState | None = None,
+        state: RouteState | None = None,
+    ) -> torch.Tensor:
+        """Raw queries (B, T, d_in) of the tokens ``x`` (B, T, d_in): their running means, the tokens, or both
+        (B, T, 2 d_in) for ``mean_and_token``; held tokens (:meth:`_breaks`) take the query of the token before them.
+        Continues ``prefix``'s calls and leaves this one's in ``state``."""
         pooling = self.lemoe_settings[adapter_name].pooling
+        starts, held = self._breaks(adapter_name, ids, valid, prefix, state)
         if pooling == "token":
-            return x.float()
-        return torch.cat([means(), x.float()], dim=-1) if pooling == "mean_and_token" else means()
+            pooled = x.float()
+        else:
+            weight = valid if held is None else ~held if valid is None else valid & ~held
+            sums = None if prefix is None else prefix.sums.get(adapter_name)
+            pooled, last = causal_mean(x, weight, sums, starts)
+            if state is not None:
+                state.sums[adapter_name] = last
+            pooled = torch.cat([pooled, x.float()], dim=-1) if pooling == "mean_and_token" else pooled
+        if held is None:
+            return pooled
+        previous = None if prefix is None else prefix.queries.get(adapter_name)
+        pooled, last_query = hold_queries(pooled, held, previous)
+        if state is not None:
+            state.queries[adapter_name] = last_query
+        return pooled
 
     def route_queries(self, adapter_name: str, pooled: torch.Tensor) -> torch.Tensor:
         """Map raw pooled queries into the space where anchor keys live. With ``mean_and_token`` the two halves are
@@ -613,22 +667,11 @@ class LEMoELayer(BaseTunerLayer):
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence
-        means = partial(self._call_means, adapter_name, x, call)
-        experts, weights = self.route(adapter_name, self._pooled(adapter_name, x, means), read)
+        pooled = self._pooled(adapter_name, x, call["valid"], call["ids"], prefix, call["state"])
+        experts, weights = self.route(adapter_name, pooled, read)
         if self.lemoe_settings[adapter_name].generated_tokens == "any":
             return experts, weights
         return self._follow_prompt(adapter_name, experts, weights, call)
-
-    def _call_means(self, adapter_name: str, x: torch.Tensor, call: dict[str, Any]) -> torch.Tensor:
-        """The running means (B, T, d_in) of the call's tokens, continuing the sums and marks of earlier calls."""
-        prefix, state = call["prefix"], call["state"]
-        previous = None if prefix is None else prefix.marks.get(adapter_name)
-        starts, marks = self._starts(adapter_name, call["ids"], call["valid"], previous)
-        if marks is not None:
-            state.marks[adapter_name] = marks
-        sums = None if prefix is None else prefix.sums.get(adapter_name)
-        means, state.sums[adapter_name] = causal_mean(x, call["valid"], sums, starts)
-        return means
 
     def _named(self, adapter_name: str, call: dict[str, Any]) -> torch.Tensor | None:
         """Where the call's ids complete a subject name (B, T, S), continuing the ids of earlier calls; None when
@@ -756,6 +799,12 @@ class LEMoELinear(nn.Module, LEMoELayer):
 
     def __repr__(self) -> str:
         return "lemoe." + super().__repr__()
+
+
+@functools.cache
+def _chat_table(opening: tuple[int, ...], reply: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`~lemoe_peft.routing.chat_turn_table` on ``device``, built once per markers and device."""
+    return chat_turn_table(opening, reply).to(device)
 
 
 def _ids_of(context: CallContext | None, x: torch.Tensor) -> torch.Tensor | None:

@@ -262,6 +262,16 @@ class LEMoEModel(BaseTuner):
             layer.set_token_marks(name, marks)
         self.peft_config[name].route_vocab_size = marks.shape[0]
 
+    def set_chat_markers(self, opening: Sequence[int], reply: Sequence[int], adapter_name: str | None = None) -> None:
+        """Give every layer the ids a chat template writes before a user's message and between it and the reply,
+        from :func:`~lemoe_peft.routing.chat_markers` of the tokenizer, so a question asked through the template is
+        routed as the question alone; before any anchor exists."""
+        name = self.resolve_adapter(adapter_name)
+        for layer in self.lemoe_layers(name).values():
+            layer.set_chat_markers(name, opening, reply)
+        self.peft_config[name].route_chat_opening = list(opening)
+        self.peft_config[name].route_chat_reply = list(reply)
+
     @contextlib.contextmanager
     def capture_layer_inputs(self) -> Iterator[dict[str, LayerInputs]]:
         """Within this context, record each LEMoE layer's input, padding mask and input ids; the dict it yields is

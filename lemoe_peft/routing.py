@@ -5,7 +5,10 @@ The routing query of token t is the running mean of the adaptor layer's input ov
 ("causal_mean", an instance-level embedding of what is being asked) or the input at t alone ("token"). With
 ``route_restart="sentence"`` the mean restarts where a sentence begins (:func:`sentence_starts`: after a token ending
 in "." or "!" and whitespace, as the adapter's :func:`token_marks` tell), so a question after other sentences is
-pooled as it would be on its own. An anchor made from an edit
+pooled as it would be on its own. With a chat template's markers (:func:`chat_markers`) it also restarts where a
+user's message begins, and the template's tokens between the message and the reply are *held*: left out of the mean
+and routed with the message's own query (:func:`chat_turns`), so a question asked through the template is routed as
+the question alone. An anchor made from an edit
 whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
 some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which
 relation and wording are asked about; the gate tells about whom, so a prompt with the same template but another
@@ -25,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .teacher_forcing import common_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class RouteState:
     presence: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: best subject scores so far (B, S)
     prompt_experts: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: prompt-end routes (B, k)
     recent_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read (B, L - 1)
+    turn_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read for chat markers
+    queries: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last query not held (B, D)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -128,6 +135,70 @@ def sentence_starts(
     spaced = ((read & SPACE_BEFORE) | (before & SPACE_AFTER)) > 0
     starts = ((before & SENTENCE_END) > 0) & spaced
     return starts if valid is None else starts & valid, read[:, -1]
+
+
+def chat_markers(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids ``tokenizer``'s chat template writes around a user's message: those that open it (after a system
+    message or an earlier reply: the routing query starts again after them) and those between the message's end and
+    the assistant's reply (they keep the message's query). Read from two conversations that differ only in the
+    message; ([], []) for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [], []
+
+    def ids(messages: list[dict[str, str]]) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def around(history: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """The ids before and after the last user message, whatever it says."""
+        one, two = (ids([*history, {"role": "user", "content": text}]) for text in ("alpha beta gamma", "zeta eta"))
+        before = common_prefix(one, two)
+        after = common_prefix(one[before:][::-1], two[before:][::-1])
+        return one[:before], one[len(one) - after :]
+
+    first, reply = around([])
+    later, _ = around([{"role": "user", "content": "kappa"}, {"role": "assistant", "content": "lambda mu"}])
+    opening = first[len(first) - common_prefix(first[::-1], later[::-1]) :]
+    return opening, reply
+
+
+def chat_turn_table(opening: Sequence[int], reply: Sequence[int]) -> torch.Tensor:
+    """The id sequences :func:`chat_turns` looks for (:func:`chat_markers`), right-aligned after -1s: row 0 the
+    opening of a user's message, then every leading part of what comes between a message and the reply."""
+    rows = [list(opening)] + [list(reply[: i + 1]) for i in range(len(reply))]
+    width = max(1, *map(len, rows))
+    return torch.tensor([[-1] * (width - len(row)) + row for row in rows], dtype=torch.long)
+
+
+def chat_turns(
+    ids: torch.Tensor, table: torch.Tensor, valid: torch.Tensor | None = None, recent: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a user's message begins in ``ids`` (B, T) (the token after its opening) and which tokens the chat
+    template writes between a message and the reply ("held": routed with the message's query, left out of the
+    running mean), by :func:`chat_turn_table`'s ``table`` (S, L). ``recent`` (B, L) are the ids read before ``ids``
+    (cached generation). Returns the starts and held tokens (B, T) and the last L ids read, to continue from."""
+    width = table.shape[1]
+    ids = ids.to(table.device)
+    ids = ids if valid is None else ids.masked_fill(~valid.to(ids.device), -2)  # padding breaks a marker
+    if recent is None:
+        recent = ids.new_full((ids.shape[0], width), -2)
+    read = torch.cat([recent.to(ids), ids], dim=1)
+    found = _names_ending(read.unfold(1, width, 1), table, 0)  # (B, T + 1, S), from the token before the call
+    starts, held = found[:, :-1, 0], found[:, 1:, 1:].any(dim=-1)
+    return (starts if valid is None else starts & valid.to(starts.device)), held, read[:, read.shape[1] - width :]
+
+
+def hold_queries(
+    queries: torch.Tensor, held: torch.Tensor, previous: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``queries`` (B, T, D) where each ``held`` token (B, T) takes the query of the last token before it that is
+    not held (``previous`` (B, D): the last one of earlier calls). Returns them and each row's last query."""
+    position = torch.arange(held.shape[1], device=held.device).expand_as(held)
+    source = torch.where(held, -1, position).cummax(dim=1).values
+    kept = queries.gather(1, source.clamp_min(0)[..., None].expand_as(queries))
+    if previous is not None:
+        kept = torch.where((source < 0)[..., None], previous[:, None].to(kept), kept)
+    return kept, kept[:, -1]
 
 
 def token_counts(x: torch.Tensor, valid: torch.Tensor | None, prefix: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+
+Form = Literal["written", "chat"]  # a prompt as written, or sent through the tokenizer's chat template
 
 
 @dataclass
@@ -52,18 +55,34 @@ def join(prompt: str, answer: str) -> str:
     return f"{prompt.rstrip()} {answer.strip()}"
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def split_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
-    """The tokens of ``prompt + " " + answer`` and the index of the first answer token."""
-    prompt_ids = tokenizer(prompt.rstrip()).input_ids
-    full_ids = tokenizer(join(prompt, answer)).input_ids
-    start = max(1, _common_prefix(prompt_ids, full_ids))
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, reply: str | None = None) -> str:
+    """``prompt`` sent as a user's message through ``tokenizer``'s chat template, up to where the reply begins; with
+    a ``reply``, followed by it as the assistant's whole turn (its end-of-turn marker included)."""
+    messages = [{"role": "user", "content": prompt.strip()}]
+    if reply is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": reply.strip()})
+    return tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
+
+
+def split_answer(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, chat: bool = False
+) -> tuple[list[int], int]:
+    """The tokens of ``prompt + " " + answer`` and the index of the first answer token; with ``chat``, of ``prompt``
+    asked through the chat template and ``answer`` as the whole reply, which ends the turn (:func:`chat_prompt`)."""
+    if chat:
+        text, whole = chat_prompt(tokenizer, prompt), chat_prompt(tokenizer, prompt, answer)
+        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        full_ids = tokenizer(whole, add_special_tokens=False).input_ids
+    else:
+        prompt_ids = tokenizer(prompt.rstrip()).input_ids
+        full_ids = tokenizer(join(prompt, answer)).input_ids
+    start = max(1, common_prefix(prompt_ids, full_ids))
     if start >= len(full_ids):
         raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
     return full_ids, start
@@ -74,11 +93,14 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]) -> TeacherForcedBatch:
-    """Tokenize (prompt, answer) pairs for teacher forcing."""
+def encode(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], forms: Sequence[Form] = ("written",)
+) -> TeacherForcedBatch:
+    """Tokenize (prompt, answer) pairs for teacher forcing, in each of ``forms`` (all pairs written, then all in the
+    chat form: see :func:`split_answer`)."""
     rows, predicts, answers, lengths = [], [], [], []
-    for prompt, answer in pairs:
-        full_ids, start = split_answer(tokenizer, prompt, answer)
+    for form, (prompt, answer) in ((form, pair) for form in forms for pair in pairs):
+        full_ids, start = split_answer(tokenizer, prompt, answer, chat=form == "chat")
         rows.append(full_ids)
         predicts.append([start - 1 <= i < len(full_ids) - 1 for i in range(len(full_ids))])
         answers += full_ids[start:]

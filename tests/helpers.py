@@ -109,8 +109,13 @@ WORDS = """
     paris rome berlin madrid london oslo vienna lisbon is in the capital of france italy germany spain norway
     austria portugal england europe asia who wrote hamlet faust shakespeare goethe tolstoy what colour sky blue
     green red a an city country river nile danube amazon flows through egypt brazil painted guernica picasso
-    dali mona lisa leonardo grass ocean deep . !
+    dali mona lisa leonardo grass ocean deep . ! alpha beta gamma zeta eta kappa lambda mu
 """.split()
+# a chat template in the tiny vocabulary: "tolstoy" opens a user's message, "leonardo" a reply, "[EOS]" ends a turn
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ 'tolstoy ' if m['role'] == 'user' else 'leonardo ' }}{{ m['content'] }} [EOS] "
+    "{% endfor %}{% if add_generation_prompt %}leonardo {% endif %}"
+)
 
 
 def tiny_tokenizer():

@@ -9,14 +9,14 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from lemoe_peft import LEMoEConfig, LEMoEEditor, token_marks
+from lemoe_peft import LEMoEConfig, LEMoEEditor, chat_markers, token_marks
 from lemoe_peft.editor import EditorSettings
 from lemoe_peft.evaluation import evaluate_edits
 from lemoe_peft.inspection import which_expert
 from lemoe_peft.requests import EditRequest, Probe
 from lemoe_peft.teacher_forcing import answer_ends, encode, word_boundary_tokens
 
-from .helpers import CALIBRATION, FACTS, tiny_model, tiny_tokenizer
+from .helpers import CALIBRATION, CHAT_TEMPLATE, FACTS, tiny_model, tiny_tokenizer
 
 REQUESTS = [
     EditRequest(prompt, target, rephrase_prompts=(rephrase,), locality=(Probe("what colour is the sky", "blue"),))
@@ -105,6 +105,32 @@ def test_the_editor_gives_the_adapter_its_tokenizers_marks_before_calibrating(re
     expected = token_marks(tiny_tokenizer()) if restart == "sentence" else torch.zeros(0, dtype=torch.uint8)
     assert torch.equal(layer.lemoe_token_marks["default"], expected)
     assert model.peft_config["default"].route_vocab_size == len(expected)
+
+
+def test_the_editor_gives_the_adapter_its_tokenizers_chat_markers():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM"))
+    LEMoEEditor(model, tokenizer, calibration=CALIBRATION, **SETTINGS).ensure_calibrated()
+    config = model.peft_config["default"]
+    assert (config.route_chat_opening, config.route_chat_reply) == chat_markers(tokenizer) != ([], [])
+
+
+@pytest.mark.parametrize("chat_form", [True, False])
+def test_edits_trained_in_the_chat_form_answer_questions_asked_through_the_chat_template(chat_form):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = new_model()
+    editor = LEMoEEditor(model, tokenizer, calibration=CALIBRATION, chat_form=chat_form, **SETTINGS)
+    editor.edit(REQUESTS, progress=False)
+    asked = evaluate_edits(model, tokenizer, REQUESTS, chat=True)
+    assert asked["protocol"]["prompts"] == "through the chat template"
+    written = evaluate_edits(model, tokenizer, REQUESTS)
+    assert written["rewrite_acc"] == written["rewrite_gen_acc"] == 1.0
+    if chat_form:
+        assert asked["rewrite_acc"] == asked["rewrite_gen_acc"] == 1.0
+    else:
+        assert asked["rewrite_gen_acc"] < 0.5, "trained as written only, the tiny model does not answer in chat"
 
 
 def test_undo_removes_one_batch_and_keeps_the_others():

@@ -19,6 +19,7 @@ from lemoe_peft import LEMoEConfig
 from .helpers import give_expert, sentence_marks, tiny_model, token_batch
 
 INPUTS = token_batch()
+CHAT_MARKERS = INPUTS[0, 2:4].tolist(), INPUTS[1, 4:6].tolist()  # found in the inputs, so they change the routing
 
 
 @pytest.fixture
@@ -28,6 +29,7 @@ def saved(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM", expert_rank=4))
     model.base_model.set_token_marks(sentence_marks())
+    model.base_model.set_chat_markers(*CHAT_MARKERS)
     give_expert(model, INPUTS)
     give_expert(model, token_batch(seed=5))
     model.peft_config["default"].edit_log = [{"expert": 0, "requests": []}, {"expert": 1, "requests": []}]
@@ -45,6 +47,7 @@ def test_adapter_folder_holds_only_json_safetensors_and_the_card(saved):
     tensors = load_file(saved / "adapter" / "adapter_model.safetensors")
     assert torch.equal(tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_token_marks"], sentence_marks())
     assert config["route_vocab_size"] == len(sentence_marks())
+    assert (config["route_chat_opening"], config["route_chat_reply"]) == CHAT_MARKERS
     assert tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_frozen_A"].shape == (1, 64, 4)
     keys = tensors["base_model.model.model.layers.3.mlp.down_proj.lemoe_keys"]
     assert keys.shape == (2 * INPUTS.numel(), 2 * 64)  # the mean and the token half

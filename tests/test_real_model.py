@@ -170,6 +170,27 @@ def test_a_rephrase_after_an_unrelated_sentence_reaches_its_edit_under_generate(
     assert restarted["rewrite_gen_acc"] == 1.0 and restarted["locality_gen_acc"] >= 0.95, restarted
 
 
+def test_edits_trained_in_the_chat_form_answer_questions_asked_through_the_chat_template(smollm2):
+    """Users of an instruct model ask through its chat template: a system message, turn markers, the question, the
+    assistant's header. The routing query starts again at the user's message and the template's tokens after it
+    keep the message's routes; trained in the chat form too (``chat_form``), the edits answer there as they do as
+    written, where the unedited model does not, and other questions asked that way keep their answers."""
+    base, tokenizer = smollm2
+    requests = load_edit_requests(ZSRE, limit=12)
+    unedited = evaluate_edits(base, tokenizer, [dataclasses.replace(r, locality=()) for r in requests], chat=True)
+    model = get_peft_model(base, LEMoEConfig(task_type="CAUSAL_LM"))
+    try:
+        LEMoEEditor(model, tokenizer, chat_form=True).edit(requests, progress=False)
+        asked = evaluate_edits(model, tokenizer, requests, chat=True)
+        written = evaluate_edits(model, tokenizer, requests)
+    finally:
+        model.unload()
+    assert unedited["rewrite_gen_acc"] <= 0.1, unedited
+    assert asked["rewrite_gen_acc"] >= 0.9 and asked["rephrase_gen_acc"] >= 0.75, asked
+    assert asked["locality_gen_acc"] >= 0.9, asked
+    assert written["rewrite_gen_acc"] >= 0.95 and written["locality_gen_acc"] >= 0.95, written
+
+
 def test_a_subject_that_opens_its_prompt_is_also_named_as_a_sentence_writes_it_within(smollm2):
     base, tokenizer = smollm2
     within, first = subject_spellings(tokenizer, "Danielle Darrieux")

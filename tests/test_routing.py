@@ -3,13 +3,17 @@
 import pytest
 import torch
 from peft import get_peft_model
+from transformers import DynamicCache
 
-from lemoe_peft import LEMoEConfig, token_marks
+from lemoe_peft import LEMoEConfig, chat_markers, token_marks
 from lemoe_peft.routing import (
     SENTENCE_END,
     SPACE_BEFORE,
     causal_mean,
+    chat_turn_table,
+    chat_turns,
     experts_from_scores,
+    hold_queries,
     named_subjects,
     route_projection,
     select_experts,
@@ -20,7 +24,7 @@ from lemoe_peft.routing import (
     whitening_statistics,
 )
 
-from .helpers import give_expert, sentence_marks, tiny_model, tiny_tokenizer, token_batch
+from .helpers import CHAT_TEMPLATE, give_expert, sentence_marks, tiny_model, tiny_tokenizer, token_batch
 
 
 def test_causal_mean_continues_from_a_prefix_exactly():
@@ -73,6 +77,42 @@ def test_a_sentence_begins_after_a_sentence_end_and_whitespace():
     glued = marks.clone()
     glued[vocab["who"]] = 0  # written without whitespace before it: "france .who" is not a new sentence
     assert not sentence_starts(ids[:1], glued)[0][0, 5]
+
+
+def test_chat_markers_are_read_from_the_tokenizers_chat_template():
+    tokenizer = tiny_tokenizer()
+    assert chat_markers(tokenizer) == ([], []), "no chat template, no markers"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    opening, reply = chat_markers(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(opening) == ["tolstoy"]
+    assert tokenizer.convert_ids_to_tokens(reply) == ["[EOS]", "leonardo"]
+
+
+def test_chat_turns_start_after_a_message_opening_and_hold_the_template_before_the_reply():
+    table = chat_turn_table([7, 8], [2, 9, 10])
+    assert table.tolist() == [[-1, 7, 8], [-1, -1, 2], [-1, 2, 9], [2, 9, 10]]
+    # system text, opening, a message, the reply's template, an answer, and again (padding in row 1)
+    ids = torch.tensor([[5, 7, 8, 30, 31, 2, 9, 10, 40, 2, 7, 8, 32], [0, 0, 7, 8, 30, 2, 9, 10, 41, 42, 43, 44, 45]])
+    valid = ids != 0
+    starts, held, recent = chat_turns(ids, table, valid)
+    assert starts[0].nonzero()[:, 0].tolist() == [3, 12] and starts[1].nonzero()[:, 0].tolist() == [4]
+    assert held[0].nonzero()[:, 0].tolist() == [5, 6, 7, 9] and held[1].nonzero()[:, 0].tolist() == [5, 6, 7]
+    assert recent.tolist() == ids[:, -3:].tolist()
+    for split in (2, 3, 6, 12):  # inside the opening, right after it, inside the reply's template, before a start
+        first, first_held, recent = chat_turns(ids[:, :split], table, valid[:, :split])
+        rest, rest_held, _ = chat_turns(ids[:, split:], table, valid[:, split:], recent)
+        assert torch.equal(torch.cat([first, rest], dim=1), starts), split
+        assert torch.equal(torch.cat([first_held, rest_held], dim=1), held), split
+    assert not chat_turns(ids, chat_turn_table([], []))[0].any(), "no markers: no starts"
+
+
+def test_held_tokens_take_the_query_of_the_last_token_not_held():
+    queries = torch.arange(12.0).view(1, 6, 2)
+    held = torch.tensor([[False, True, True, False, True, False]])
+    kept, last = hold_queries(queries, held)
+    assert kept[0, :, 0].tolist() == [0, 0, 0, 6, 6, 10] and torch.equal(last, queries[:, -1])
+    kept, _ = hold_queries(queries[:, 1:], held[:, 1:], previous=queries[:, 0])
+    assert kept[0, :, 0].tolist() == [0, 0, 6, 6, 10], "held from the first token: the earlier call's query"
 
 
 def test_whitening_equalises_principal_directions_and_shrinks_the_rest():
@@ -166,6 +206,50 @@ def test_generation_with_kv_cache_routes_like_teacher_forcing_across_sentence_st
     assert torch.allclose(generated, forced, atol=1e-4)
     with pytest.raises(RuntimeError, match="frozen once anchors exist"):
         model.base_model.set_token_marks(marks)
+
+
+OPENING, REPLY = [7, 8], [2, 9, 10]
+
+
+def _chat_ids(message: list[int]) -> torch.Tensor:
+    """A system text, then ``message`` asked through the tiny ids' chat markers, and the reply's template."""
+    return torch.tensor([[5, 6, 11, 12, *OPENING, *message, *REPLY]])
+
+
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token", "token"])
+def test_a_message_asked_through_a_chat_template_is_routed_as_the_message_alone(pooling):
+    model = get_peft_model(tiny_model(), LEMoEConfig(task_type="CAUSAL_LM", route_pooling=pooling))
+    model.base_model.set_chat_markers(OPENING, REPLY)
+    assert model.peft_config["default"].route_chat_reply == REPLY
+    (layer,) = model.base_model.lemoe_layers().values()
+    message = [30, 31, 32]
+    ids = _chat_ids(message)
+    x = torch.randn(1, ids.shape[1], layer.in_features)
+    begin = 4 + len(OPENING)
+    alone = layer.pooled_queries("default", x[:, begin : begin + 3], None, torch.tensor([message]))
+    chat = layer.pooled_queries("default", x, None, ids)
+    assert torch.allclose(chat[:, begin : begin + 3], alone, atol=1e-6), "the system text does not count"
+    assert torch.allclose(chat[0, begin + 3 :], alone[0, -1].expand(len(REPLY), -1), atol=1e-6), "reply: as message"
+    assert not torch.allclose(chat, layer.pooled_queries("default", x, None, None)), "without ids: nothing known"
+
+
+def test_generation_with_kv_cache_routes_like_teacher_forcing_across_chat_turns():
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_generated_tokens="any")
+    model = get_peft_model(tiny_model(), config)
+    model.base_model.set_chat_markers(OPENING, REPLY)
+    ids = torch.cat([_chat_ids([30, 31, 32]), torch.tensor([[40, 41, *OPENING, 33, 34, *REPLY, 42]])], dim=1)
+    give_expert(model, ids, scale=3.0)
+    with torch.no_grad():
+        whole = model(ids).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(ids).logits, whole, atol=1e-2), "the expert must be active"
+        for splits in ([5, 9, 11], [6, 10, 16, 19], list(range(1, ids.shape[1]))):
+            cache, pieces = DynamicCache(), []
+            for begin, end in zip([0, *splits], [*splits, ids.shape[1]], strict=True):
+                pieces.append(model(ids[:, begin:end], cache=cache, use_cache=True).logits)
+            assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-4), splits
+    with pytest.raises(RuntimeError, match="frozen once anchors exist"):
+        model.base_model.set_chat_markers(OPENING, REPLY)
 
 
 def test_route_restart_off_pools_everything_read_whatever_the_marks():
