@@ -5,8 +5,8 @@ prompt, its first rephrase and its locality probes, each once as the raw text th
 the chat template (``apply_chat_template(..., add_generation_prompt=True)``). A chat answer is a sentence ("The head
 of government of Munich was ..."), so an edit counts as answered when the target appears in the 24 tokens at word
 boundaries (the same rule for both forms, and for the unedited model, which should not name the new target);
-locality: the first 8 new tokens equal the unedited model's on the same form. Run once with the edits written as raw
-prompts (the benchmark's protocol), once with them written in the chat form (what a user could do today).
+locality: the first 8 new tokens equal the unedited model's on the same form. Run once with the edits trained on the
+raw prompts (the benchmark's protocol), once also trained in the chat form (the editor's ``chat_form``).
 
 Where routing loses them (routing only, the edits written raw, one training step each): the share of edit prompts
 routed to their own expert at the last token, and the median score of the nearest anchor there, for the prompt as
@@ -20,16 +20,15 @@ benchmark's are, so the whole chat form is routed at the assistant's role name, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 from pathlib import Path
 
 import torch
 
-from lemoe_peft import EditRequest
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import greedy_token_continuations
+from lemoe_peft.teacher_forcing import chat_prompt
 
 from .anchor_thresholds import last_token_routing, own_expert_share
 from .lifelong import SETTINGS
@@ -48,7 +47,7 @@ def mentions(text: str, target: str) -> bool:
 def _rows(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     if not chat:
         return [tokenizer(p.rstrip()).input_ids for p in prompts]
-    return [tokenizer(_chat_text(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
 
 
 def _generate(model, tokenizer, prompts: list[str], chat: bool) -> list[str]:
@@ -57,27 +56,17 @@ def _generate(model, tokenizer, prompts: list[str], chat: bool) -> list[str]:
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
 
-def _chat_text(tokenizer, prompt: str) -> str:
-    """``prompt`` as the user's message, followed by the start of the assistant's turn."""
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _in_chat_form(tokenizer, request: EditRequest) -> EditRequest:
-    return dataclasses.replace(request, prompt=_chat_text(tokenizer, request.prompt))
-
-
 def measure(dataset: str, T: int, edit_form: str, cache: Path) -> dict:
-    """Rel / Gen / Loc asked in both forms after editing ``T`` held-out requests written in ``edit_form`` ("raw" or
-    "chat")."""
-    written = _in_chat_form if edit_form == "chat" else None
-    method, tokenizer, requests, _ = held_out_lemoe(dataset, T, SETTINGS, cache, written)
+    """Rel / Gen / Loc asked in both forms after editing ``T`` held-out requests trained in ``edit_form`` ("raw", or
+    "chat_form": raw and in the chat form)."""
+    settings = {**SETTINGS, "chat_form": edit_form == "chat_form"}
+    method, tokenizer, requests, _ = held_out_lemoe(dataset, T, settings, cache)
     kinds = {
         "rewrite": [(r.prompt, r.target_new) for r in requests],
         "rephrase": [(r.rephrase_prompts[0], r.target_new) for r in requests if r.rephrase_prompts],
     }
     probes = [p.prompt for r in requests for p in r.locality if p.answer != r.ground_truth]  # other relations
-    result: dict = {"dataset": dataset, "T": len(requests), "edits_written": edit_form, "settings": SETTINGS}
+    result: dict = {"dataset": dataset, "T": len(requests), "edits_trained": edit_form, "settings": settings}
     for form in ("raw", "chat"):
         chat = form == "chat"
         with method.model.disable_adapter():
@@ -112,7 +101,8 @@ def routing_by_form(dataset: str, T: int, cache: Path) -> dict:
     thresholds = layer.lemoe_key_threshold["default"].float()
 
     def forms(prompt: str) -> dict[str, str]:
-        chat = _chat_text(tokenizer, prompt)
+        prompt = prompt.strip()
+        chat = chat_prompt(tokenizer, prompt)
         before = chat[: chat.index(prompt)]
         turn = before[max(before.rfind(special) for special in tokenizer.all_special_tokens) :]
         return {
@@ -146,7 +136,7 @@ def main() -> None:
     for form, row in json.loads(routing.read_text()).items():
         if isinstance(row, dict) and "own_expert" in row:
             print(f"{form}: own expert {row['own_expert']:.3f}, nearest anchor {row['nearest_anchor_median']:.2f}")
-    for edit_form in ("raw", "chat"):
+    for edit_form in ("raw", "chat_form"):
         path = args.out / f"{args.dataset}-T{args.T}-edits-{edit_form}.json"
         if not path.exists():
             write_json_atomic(path, measure(args.dataset, args.T, edit_form, args.cache))
@@ -154,7 +144,7 @@ def main() -> None:
         for form in ("raw", "chat"):
             row = result[form]
             scores = " ".join(f"{k} {row[k]:.3f}" for k in SCORES)
-            print(f"edits written {edit_form}, asked {form}: {scores}")
+            print(f"edits trained {edit_form}, asked {form}: {scores}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ same base model and is trained by the same loop (:func:`lemoe_peft.training.fit`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,21 +160,18 @@ def held_out_lemoe(
     T: int,
     settings: dict[str, Any],
     cache: Path,
-    written: Callable[[Any, EditRequest], EditRequest] | None = None,
 ) -> tuple[LEMoE, Any, list[EditRequest], list[int]]:
-    """LEMoE with ``settings`` after editing the first ``T`` held-out requests of ``dataset`` in its planned batches
-    (each as ``written(tokenizer, request)`` gives it, if given): the method, the tokenizer, the requests as read and
-    the expert each request went into."""
+    """LEMoE with ``settings`` after editing the first ``T`` held-out requests of ``dataset`` in its planned batches:
+    the method, the tokenizer, the requests and the expert each request went into."""
     torch.manual_seed(settings["seed"])
     base, tokenizer = load_base(cache)
     requests = requests_for(dataset, T, tuning=True)
-    edited = [written(tokenizer, r) for r in requests] if written else requests
     method = LEMoE(base, tokenizer, settings)
     expert_of = {}
-    for expert, batch in enumerate(method.plan(edited)):
+    for expert, batch in enumerate(method.plan(requests)):
         method.edit_batch(batch)
         expert_of |= {id(r): expert for r in batch}
-    return method, tokenizer, requests, [expert_of[id(r)] for r in edited]
+    return method, tokenizer, requests, [expert_of[id(r)] for r in requests]
 
 
 class LEMoEPlanned(LEMoE):
