@@ -174,17 +174,8 @@ def _edit(args: argparse.Namespace) -> None:
         "data": f"{args.data} (first {len(requests)})",
         **{key: value for key, value in vars(editor.settings).items()},
     }
-    results = evaluate_edits(
-        model,
-        tokenizer,
-        requests,
-        protocol=protocol,
-        generation=not args.no_generation,
-        progress=True,
-        chat=args.ask_in_chat,
-    )
-    _print_table(f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream", results, extra)
-    _write_json(args.json, results)
+    title = f"LEMoE on {args.model}: {len(requests)} edits, evaluated after the whole stream"
+    _score(args, model, tokenizer, requests, protocol, title, extra)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -194,6 +185,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     base, tokenizer = _load(args)
     model = PeftModel.from_pretrained(base, str(args.adapter))
     protocol = {"model": args.model, "adapter": str(args.adapter), "data": f"{args.data} (first {len(requests)})"}
+    _score(args, model, tokenizer, requests, protocol, f"{args.adapter} on {args.model}: {len(requests)} requests")
+
+
+def _score(
+    args: argparse.Namespace,
+    model: Any,
+    tokenizer: Any,
+    requests: list,
+    protocol: dict[str, Any],
+    title: str,
+    extra: dict[str, str] | None = None,
+) -> None:
+    """Evaluate as the command line asks, print the table and write the JSON file if asked."""
     results = evaluate_edits(
         model,
         tokenizer,
@@ -203,7 +207,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         progress=True,
         chat=args.ask_in_chat,
     )
-    _print_table(f"{args.adapter} on {args.model}: {len(requests)} requests", results, {})
+    _print_table(title, results, extra or {})
     _write_json(args.json, results)
 
 

@@ -10,7 +10,7 @@ import lemoe_peft
 from lemoe_peft import LEMoEConfig
 from lemoe_peft.cli import _editor_settings, build_parser, main
 
-from .helpers import tiny_model, tiny_tokenizer
+from .helpers import CHAT_TEMPLATE, tiny_model, tiny_tokenizer
 
 RECORDS = [
     {
@@ -95,6 +95,20 @@ def test_edit_then_resume_then_eval_then_inspect(setup, capsys):
     assert "2 experts" in capsys.readouterr().out
     assert main(["inspect", str(setup / "out"), "--model", str(setup / "model"), "--prompt", "who wrote hamlet"]) == 0
     assert "this exact prompt was edited into expert" in capsys.readouterr().out
+
+
+def test_edit_in_the_chat_form_and_evaluate_through_the_chat_template(setup, capsys):
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(setup / "model")
+    model, data, out = str(setup / "model"), str(setup / "edits.json"), setup / "out"
+    assert main(["edit", "--model", model, "--data", data, "--out", str(out), "--chat-form", "--no-eval"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["route_chat_opening"] and config["route_chat_reply"], "the template's markers are in the adapter"
+    assert config["edit_log"][0]["settings"]["chat_form"] is True
+    eval_ = ["eval", "--model", model, "--adapter", str(out), "--data", data, "--no-generation"]
+    assert main([*eval_, "--ask-in-chat", "--json", str(setup / "r.json")]) == 0
+    assert json.loads((setup / "r.json").read_text())["protocol"]["prompts"] == "through the chat template"
 
 
 def test_bad_input_gives_a_clear_error_and_exit_code(setup, capsys):
