@@ -26,15 +26,23 @@ IGNORE_INDEX = -100  # the label transformers' causal-LM losses skip
 
 class EditDataset(torch.utils.data.Dataset):
     """One example per request: ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the target tokens;
-    causal LMs shift labels themselves)."""
+    causal LMs shift labels themselves); with ``chat_form``, a second one per request in the chat form (the prompt
+    sent through the chat template, the target as the reply), after all the written ones, as the editor's
+    ``chat_form`` trains."""
 
-    def __init__(self, requests: Iterable[EditRequest | Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(
+        self,
+        requests: Iterable[EditRequest | Mapping[str, Any]],
+        tokenizer: PreTrainedTokenizerBase,
+        chat_form: bool = False,
+    ) -> None:
+        requests = [r if isinstance(r, EditRequest) else EditRequest.from_dict(r) for r in requests]
         self.examples = []
-        for request in requests:
-            request = request if isinstance(request, EditRequest) else EditRequest.from_dict(request)
-            ids, start = split_answer(tokenizer, request.prompt, request.target_new)
-            labels = [IGNORE_INDEX] * start + ids[start:]
-            self.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        for chat in (False, True) if chat_form else (False,):
+            for request in requests:
+                ids, start = split_answer(tokenizer, request.prompt, request.target_new, chat)
+                labels = [IGNORE_INDEX] * start + ids[start:]
+                self.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
 
     def __len__(self) -> int:
         return len(self.examples)

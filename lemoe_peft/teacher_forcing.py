@@ -1,7 +1,8 @@
 """Teacher-forced batches of ``prompt + " " + answer`` and the logits at the positions that predict the answer.
 
 Answers are tokenized as they appear after the prompt (byte-level BPE tokenizes ``" Andromeda"`` and ``"Andromeda"``
-differently), and training and scoring use exactly the same tokens.
+differently), and training and scoring use exactly the same tokens. In the chat form a prompt is sent as a user's
+message through the tokenizer's chat template and the answer is the assistant's whole reply, end of turn included.
 """
 
 from __future__ import annotations

@@ -15,14 +15,18 @@ from transformers import Trainer, TrainingArguments
 from lemoe_peft import EditCollator, EditDataset, LEMoEConfig, LEMoEEditor, evaluate_edits
 from lemoe_peft.teacher_forcing import encode
 
-from .helpers import PROJECT_ROOT, tiny_model, tiny_tokenizer
+from .helpers import CHAT_TEMPLATE, PROJECT_ROOT, tiny_model, tiny_tokenizer
 from .test_editor import CALIBRATION, REQUESTS
 
 
-def test_edit_dataset_labels_only_the_target_tokens_as_teacher_forcing_encodes_them():
+@pytest.mark.parametrize("chat_form", [False, True])
+def test_edit_dataset_labels_only_the_target_tokens_as_teacher_forcing_encodes_them(chat_form):
     tokenizer = tiny_tokenizer()
-    batch = encode(tokenizer, [(r.prompt, r.target_new) for r in REQUESTS[:3]])
-    collated = EditCollator(tokenizer)(list(EditDataset(REQUESTS[:3], tokenizer)))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    forms = ("written", "chat") if chat_form else ("written",)
+    batch = encode(tokenizer, [(r.prompt, r.target_new) for r in REQUESTS[:3]], forms)
+    collated = EditCollator(tokenizer)(list(EditDataset(REQUESTS[:3], tokenizer, chat_form)))
+    assert collated["input_ids"].shape[0] == 3 * len(forms)
     assert torch.equal(collated["input_ids"], batch.input_ids)
     assert torch.equal(collated["attention_mask"], batch.attention_mask)
     labels = collated["labels"]
