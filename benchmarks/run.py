@@ -30,21 +30,30 @@ OTHER_LOCALITY = (
 )  # locality on the probes that ask none of the edited facts
 
 
-def _reference_by_request(base, tokenizer, requests):
+def _reference_by_request(base, tokenizer, requests, chat: bool):
     """The unedited model's locality predictions, per request (computed before any edit)."""
-    flat = iter(locality_reference(base, tokenizer, requests))
+    flat = iter(locality_reference(base, tokenizer, requests, chat))
     return [[next(flat) for _ in request.locality] for request in requests]
 
 
 def run(
-    method_name: str, dataset: str, T: int, settings: dict, cache: Path, save_adapter: Path | None, tuning: bool
+    method_name: str,
+    dataset: str,
+    T: int,
+    settings: dict,
+    cache: Path,
+    save_adapter: Path | None,
+    tuning: bool,
+    chat: bool = False,
 ) -> dict:
+    """Edit the first ``T`` requests of ``dataset`` with ``method_name`` and score them after the whole stream (with
+    ``chat``, every prompt asked through the tokenizer's chat template)."""
     torch.manual_seed(settings["seed"])
     base, tokenizer = load_base(cache)
     requests = requests_for(dataset, T, tuning=tuning)
-    reference = _reference_by_request(base, tokenizer, requests)
+    reference = _reference_by_request(base, tokenizer, requests, chat)
     generation = GenerationSettings()
-    generation_reference = locality_generation_reference(base, tokenizer, requests, generation)  # before any edit
+    generation_reference = locality_generation_reference(base, tokenizer, requests, generation, chat=chat)
     position = {id(r): i for i, r in enumerate(requests)}
     method = METHODS[method_name](base, tokenizer, settings)
     batches = method.plan(requests)
@@ -55,7 +64,9 @@ def run(
         method.edit_batch(batch)
         edit_seconds += time.perf_counter() - started
         batch_reference = [t for r in batch for t in reference[position[id(r)]]]
-        right_after.append(evaluate_edits(method.model, tokenizer, batch, reference=batch_reference, generation=False))
+        right_after.append(
+            evaluate_edits(method.model, tokenizer, batch, reference=batch_reference, generation=False, chat=chat)
+        )
 
     protocol = {
         "method": method_name,
@@ -79,6 +90,7 @@ def run(
         generation_reference=generation_reference,
         generation=generation,
         protocol=protocol,
+        chat=chat,
     )
     evaluation_seconds = time.perf_counter() - started
     weights = [len(b) for b in batches]
@@ -122,9 +134,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-adapter", type=Path)
     parser.add_argument("--tuning", action="store_true", help="use the held-out tuning data instead")
+    parser.add_argument("--ask-in-chat", action="store_true", help="ask every prompt through the chat template")
     args = parser.parse_args()
     settings = json.loads(args.settings)
-    result = run(args.method, args.dataset, args.T, settings, args.cache, args.save_adapter, args.tuning)
+    result = run(
+        args.method, args.dataset, args.T, settings, args.cache, args.save_adapter, args.tuning, args.ask_in_chat
+    )
     write_json_atomic(args.out, result)
 
 
