@@ -156,8 +156,17 @@ def chat_markers(tokenizer: Any) -> tuple[list[int], list[int]]:
         after = common_prefix(one[before:][::-1], two[before:][::-1])
         return one[:before], one[len(one) - after :]
 
-    first, reply = around([])
-    later, _ = around([{"role": "user", "content": "kappa"}, {"role": "assistant", "content": "lambda mu"}])
+    from jinja2 import TemplateError
+
+    try:
+        first, reply = around([])
+        later, _ = around([{"role": "user", "content": "kappa"}, {"role": "assistant", "content": "lambda mu"}])
+    except (TemplateError, ValueError, TypeError) as error:
+        logger.warning(
+            "The tokenizer's chat template could not be read (%s): questions asked through it route as plain text.",
+            error,
+        )
+        return [], []
     opening = first[len(first) - common_prefix(first[::-1], later[::-1]) :]
     return opening, reply
 

@@ -86,6 +86,8 @@ def test_chat_markers_are_read_from_the_tokenizers_chat_template():
     opening, reply = chat_markers(tokenizer)
     assert tokenizer.convert_ids_to_tokens(opening) == ["tolstoy"]
     assert tokenizer.convert_ids_to_tokens(reply) == ["[EOS]", "leonardo"]
+    tokenizer.chat_template = "{{ raise_exception('Only one message, please') }}"
+    assert chat_markers(tokenizer) == ([], []), "a template that refuses the probe conversations: no markers"
 
 
 def test_chat_turns_start_after_a_message_opening_and_hold_the_template_before_the_reply():
