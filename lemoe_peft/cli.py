@@ -120,7 +120,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from .models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if getattr(args, "ask_in_chat", False) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--ask-in-chat needs a chat template, and the tokenizer of {args.model} has none")
+    return model, tokenizer
 
 
 def _print_table(title: str, results: dict[str, Any], extra: dict[str, str]) -> None:

@@ -111,6 +111,13 @@ def test_edit_in_the_chat_form_and_evaluate_through_the_chat_template(setup, cap
     assert json.loads((setup / "r.json").read_text())["protocol"]["prompts"] == "through the chat template"
 
 
+def test_asking_in_chat_without_a_chat_template_is_refused_before_editing(setup, capsys):
+    edit = ["edit", "--model", str(setup / "model"), "--data", str(setup / "edits.json"), "--out", str(setup / "out")]
+    assert main([*edit, "--ask-in-chat"]) == 2
+    assert "--ask-in-chat needs a chat template" in capsys.readouterr().err
+    assert not (setup / "out").exists(), "nothing edited"
+
+
 def test_bad_input_gives_a_clear_error_and_exit_code(setup, capsys):
     (setup / "bad.json").write_text(json.dumps([{"prompt": "p", "target_new": ""}]))
     code = main(["edit", "--model", str(setup / "model"), "--data", str(setup / "bad.json"), "--out", str(setup / "o")])
