@@ -28,7 +28,7 @@ import torch
 
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import greedy_token_continuations
-from lemoe_peft.teacher_forcing import chat_prompt
+from lemoe_peft.teacher_forcing import chat_prompt, prompt_ids
 
 from .anchor_thresholds import last_token_routing, own_expert_share
 from .lifelong import SETTINGS
@@ -44,14 +44,8 @@ def mentions(text: str, target: str) -> bool:
     return re.search(pattern, " ".join(text.lower().split())) is not None
 
 
-def _rows(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
-    if not chat:
-        return [tokenizer(p.rstrip()).input_ids for p in prompts]
-    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
-
-
 def _generate(model, tokenizer, prompts: list[str], chat: bool) -> list[str]:
-    rows = _rows(tokenizer, prompts, chat)
+    rows = [prompt_ids(tokenizer, p, chat) for p in prompts]
     tokens = greedy_token_continuations(model, tokenizer, rows, [NEW_TOKENS] * len(rows), progress="generate")
     return [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 

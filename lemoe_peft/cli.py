@@ -12,6 +12,7 @@ from typing import Any
 from .editor import EditorSettings, LEMoEEditor
 from .evaluation import evaluate_edits
 from .loaders import FORMATS, load_edit_requests
+from .teacher_forcing import has_chat_template
 
 METRIC_LABELS = {
     "rewrite": "Reliability",
@@ -121,7 +122,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if getattr(args, "ask_in_chat", False) and not getattr(tokenizer, "chat_template", None):
+    if getattr(args, "ask_in_chat", False) and not has_chat_template(tokenizer):
         raise ValueError(f"--ask-in-chat needs a chat template, and the tokenizer of {args.model} has none")
     return model, tokenizer
 

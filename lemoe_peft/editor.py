@@ -37,6 +37,7 @@ from .teacher_forcing import (
     TeacherForcedBatch,
     answer_logits,
     encode,
+    has_chat_template,
     span_tokens,
     subject_spellings,
     token_position,
@@ -381,7 +382,7 @@ class LEMoEEditor:
 
     def _encoded(self, requests: Sequence[EditRequest]) -> TeacherForcedBatch:
         """The requests' prompts and new targets as a teacher-forced batch, also in the chat form if trained."""
-        chat = self.settings.chat_form and bool(getattr(self.tokenizer, "chat_template", None))
+        chat = self.settings.chat_form and has_chat_template(self.tokenizer)
         forms = ("written", "chat") if chat else ("written",)
         return encode(self.tokenizer, [(r.prompt, r.target_new) for r in requests], forms)
 

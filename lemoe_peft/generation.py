@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from .models import input_device
-from .teacher_forcing import chat_prompt
+from .teacher_forcing import prompt_ids
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,7 @@ def greedy_continuations(
     token and (with ``stop_at_newline``) the first token whose text holds a newline. Prompts are tokenized as the
     teacher-forced metrics tokenize them (with ``chat``, sent through the chat template); ``progress`` names a
     progress bar (none when None)."""
-    rows = [
-        tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-        if chat
-        else tokenizer(prompt.rstrip()).input_ids
-        for prompt in prompts
-    ]
+    rows = [prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
     return greedy_token_continuations(
         model,
         tokenizer,

@@ -457,7 +457,7 @@ class LEMoELayer(BaseTunerLayer):
         if ids is None:
             return starts, held
         ids, valid = ids.to(marks.device), None if valid is None else valid.to(marks.device)
-        if marks.shape[0] > 0 and settings.restart != "off":
+        if marks.shape[0] > 0 and settings.restart != "off" and settings.pooling != "token":  # token: no mean
             previous = None if prefix is None else prefix.marks.get(adapter_name)
             starts, last = sentence_starts(ids, marks, valid, previous)
             if state is not None:

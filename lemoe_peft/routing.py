@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .teacher_forcing import common_prefix
+from .teacher_forcing import common_prefix, has_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def chat_markers(tokenizer: Any) -> tuple[list[int], list[int]]:
     message or an earlier reply: the routing query starts again after them) and those between the message's end and
     the assistant's reply (they keep the message's query). Read from two conversations that differ only in the
     message; ([], []) for a tokenizer without a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return [], []
 
     def ids(messages: list[dict[str, str]]) -> list[int]:
@@ -186,15 +186,10 @@ def chat_turns(
     template writes between a message and the reply ("held": routed with the message's query, left out of the
     running mean), by :func:`chat_turn_table`'s ``table`` (S, L). ``recent`` (B, L) are the ids read before ``ids``
     (cached generation). Returns the starts and held tokens (B, T) and the last L ids read, to continue from."""
-    width = table.shape[1]
-    ids = ids.to(table.device)
-    ids = ids if valid is None else ids.masked_fill(~valid.to(ids.device), -2)  # padding breaks a marker
-    if recent is None:
-        recent = ids.new_full((ids.shape[0], width), -2)
-    read = torch.cat([recent.to(ids), ids], dim=1)
-    found = _names_ending(read.unfold(1, width, 1), table, 0)  # (B, T + 1, S), from the token before the call
+    windows, recent = _id_windows(ids.to(table.device), table.shape[1], valid, recent, earlier=1)
+    found = _names_ending(windows, table, 0)  # (B, T + 1, S), from the token before the call
     starts, held = found[:, :-1, 0], found[:, 1:, 1:].any(dim=-1)
-    return (starts if valid is None else starts & valid.to(starts.device)), held, read[:, read.shape[1] - width :]
+    return (starts if valid is None else starts & valid.to(starts.device)), held, recent
 
 
 def hold_queries(
@@ -223,14 +218,8 @@ def named_subjects(
     """Which subject names (S, L) end at each token of ``ids`` (B, T): (B, T, S) booleans, and the last L - 1 ids
     read (B, L - 1) to continue from. A name is its tokens right-aligned, -1 before them (a row of -1 names nothing);
     ``recent`` are the ids read before ``ids`` (cached generation), so a name split across calls is found too."""
-    width = names.shape[1]
     ids = ids.to(names.device)  # the model's input device may not be this layer's
-    ids = ids if valid is None else ids.masked_fill(~valid.to(ids.device), -2)  # padding breaks a name
-    if recent is None:
-        recent = ids.new_full((ids.shape[0], width - 1), -2)
-    read = torch.cat([recent.to(ids), ids], dim=1)
-    windows = read.unfold(1, width, 1)  # (B, T, L): the ids ending at each token
-    recent = read[:, read.shape[1] - width + 1 :]
+    windows, recent = _id_windows(ids, names.shape[1], valid, recent)  # (B, T, L): the ids ending at each token
     if torch.compiler.is_compiling():  # static shapes: every name, every column
         return _names_ending(windows, names, 0), recent
     # only names whose last id occurs can end in this call, and columns no name reaches are skipped
@@ -238,6 +227,20 @@ def named_subjects(
     named = windows.new_zeros(*ids.shape, names.shape[0], dtype=torch.bool)
     named[..., ending] = _names_ending(windows, names[ending], int((names[ending] < 0).all(dim=0).sum()))
     return named, recent
+
+
+def _id_windows(
+    ids: torch.Tensor, width: int, valid: torch.Tensor | None, recent: torch.Tensor | None, earlier: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``width`` ids ending at each token of ``ids`` (B, T) and at the ``earlier`` tokens read before it
+    (B, earlier + T, width), padding and ids never read as -2, after ``recent`` (B, width - 1 + earlier): the ids read
+    before ``ids``. Returns them and the last width - 1 + earlier ids read, to continue from."""
+    ids = ids if valid is None else ids.masked_fill(~valid.to(ids.device), -2)  # padding breaks a sequence
+    kept = width - 1 + earlier
+    if recent is None:
+        recent = ids.new_full((ids.shape[0], kept), -2)
+    read = torch.cat([recent.to(ids), ids], dim=1)
+    return read.unfold(1, width, 1), read[:, read.shape[1] - kept :]
 
 
 def _names_ending(windows: torch.Tensor, names: torch.Tensor, first: int) -> torch.Tensor:

@@ -61,6 +61,10 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, reply: str | None = None) -> str:
     """``prompt`` sent as a user's message through ``tokenizer``'s chat template, up to where the reply begins; with
     a ``reply``, followed by it as the assistant's whole turn (its end-of-turn marker included)."""
@@ -71,19 +75,24 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, reply: str | No
     return tokenizer.apply_chat_template(messages, tokenize=False).rstrip()
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = False) -> list[int]:
+    """The tokens of ``prompt`` as teacher forcing and generation read it: right-stripped, or with ``chat`` sent
+    through the chat template (:func:`chat_prompt`, whose text holds any special tokens itself)."""
+    if chat:
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    return tokenizer(prompt.rstrip()).input_ids
+
+
 def split_answer(
     tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, chat: bool = False
 ) -> tuple[list[int], int]:
     """The tokens of ``prompt + " " + answer`` and the index of the first answer token; with ``chat``, of ``prompt``
     asked through the chat template and ``answer`` as the whole reply, which ends the turn (:func:`chat_prompt`)."""
     if chat:
-        text, whole = chat_prompt(tokenizer, prompt), chat_prompt(tokenizer, prompt, answer)
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
-        full_ids = tokenizer(whole, add_special_tokens=False).input_ids
+        full_ids = tokenizer(chat_prompt(tokenizer, prompt, answer), add_special_tokens=False).input_ids
     else:
-        prompt_ids = tokenizer(prompt.rstrip()).input_ids
         full_ids = tokenizer(join(prompt, answer)).input_ids
-    start = max(1, common_prefix(prompt_ids, full_ids))
+    start = max(1, common_prefix(prompt_ids(tokenizer, prompt, chat), full_ids))
     if start >= len(full_ids):
         raise ValueError(f"The answer {answer!r} adds no tokens after the prompt {prompt!r}.")
     return full_ids, start
