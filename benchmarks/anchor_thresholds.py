@@ -25,8 +25,8 @@ import torch
 from lemoe_peft.negatives import RELATION_TEMPLATES
 from lemoe_peft.routing import experts_from_scores
 
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
+from .data import CACHE
+from .methods import SETTINGS, held_out_lemoe
 
 FIXED = (0.2, 0.3, 0.4, 0.5, 0.6)
 FLOORS, CEILINGS, MARGINS = (0.2, 0.3), (0.5, 0.6), (0.0, 0.05, 0.1)
@@ -131,7 +131,7 @@ def run_cli(measure: Callable[[str, int, Path], list[str]], description: str, ou
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=300)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "routing" / out)
     args = parser.parse_args()
     lines = [line for dataset in args.dataset for line in measure(dataset, args.T, args.cache)]

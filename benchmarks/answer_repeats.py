@@ -18,8 +18,8 @@ from pathlib import Path
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.generation import answers_with, greedy_continuations, normalize
 
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
+from .data import CACHE
+from .methods import SETTINGS, held_out_lemoe
 
 TOKENS = 20
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=100)
     parser.add_argument("--settings", type=json.loads, default={}, help="editor/config settings over the benchmark's")
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "answer_repeats.json")
     args = parser.parse_args()
     rows = [measure(dataset, args.T, args.settings, args.cache) for dataset in args.dataset]

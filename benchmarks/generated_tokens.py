@@ -26,8 +26,8 @@ from lemoe_peft import (
 from lemoe_peft.config import ROUTE_GENERATED_TOKENS
 from lemoe_peft.edit_log import write_json_atomic
 
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
+from .data import CACHE
+from .methods import SETTINGS, held_out_lemoe
 
 
 def compare(dataset: str, T: int, settings: dict, cache: Path) -> dict:
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, nargs="+", default=[0])
     parser.add_argument("--settings", default="{}", help="JSON: settings that differ from the benchmark's")
     parser.add_argument("--name", default="default", help="names the output files")
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "generated_tokens")
     args = parser.parse_args()
     for seed in args.seed:

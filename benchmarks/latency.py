@@ -22,7 +22,7 @@ from lemoe_peft.config import ROUTE_GENERATED_TOKENS
 from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.editor import calibration_texts
 
-from .data import load_base, requests_for
+from .data import CACHE, load_base, requests_for
 
 
 def _timed(model, input_ids) -> float:
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20, help="MEND ZsRE edit prompts generated from")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "generation_latency.json")
     parser.add_argument("--forward", action="store_true", help="time a 32-token forward instead (as the stream does)")
     args = parser.parse_args()

@@ -20,15 +20,8 @@ from pathlib import Path
 from lemoe_peft.edit_log import write_json_atomic
 
 from . import latency, report, stream
-from .data import DATASETS, STREAMS, requests_for
-from .methods import METHODS
-
-# bfloat16 training: the same held-out quality as float32 and about twice as fast (BENCHMARKS, round 3)
-SETTINGS = {
-    "batch_size": 2, "max_steps": 60, "learning_rate": 3e-2, "early_stop_loss": 0.02, "seed": 0,
-    "train_dtype": "bfloat16",
-}  # fmt: skip
-QUICK_SETTINGS = {**SETTINGS, "max_steps": 10}
+from .data import CACHE, DATASETS, STREAMS, requests_for
+from .methods import METHODS, QUICK_SETTINGS, SETTINGS
 
 
 def slug(name: str) -> str:
@@ -69,13 +62,13 @@ def main() -> None:
         if len(args.dataset) > 1 or len(args.T) > 1:
             parser.error("a long stream runs alone: --dataset counterfact-train --T N")
         out = args.out or Path("bench-results") / "stream" / args.dataset[0]
-        results = stream.run(args.T[0], settings, Path("bench-results") / "cache" / "smollm2-f32", out, args.rescore)
+        results = stream.run(args.T[0], settings, CACHE, out, args.rescore)
         stream.write_report(results, out)
         print(f"\nReport: {out / 'report.md'}")
         return
     Ts = [1, 10] if args.quick else args.T
     out = args.out or Path("bench-results") / ("quick" if args.quick else "tuning" if args.tuning else "full")
-    cache = Path("bench-results") / "cache" / "smollm2-f32"
+    cache = CACHE
     results = {}
     for dataset in args.dataset:
         for T in Ts:

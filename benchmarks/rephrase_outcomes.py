@@ -17,8 +17,8 @@ from lemoe_peft.edit_log import write_json_atomic
 from lemoe_peft.evaluation import generated_answer_hits
 from lemoe_peft.inspection import which_expert
 
-from .lifelong import SETTINGS
-from .methods import held_out_lemoe
+from .data import CACHE
+from .methods import SETTINGS, held_out_lemoe
 
 
 def outcomes(dataset: str, T: int, cache: Path) -> dict:
@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", nargs="+", default=["zsre", "counterfact"])
     parser.add_argument("--T", type=int, default=100)
-    parser.add_argument("--cache", type=Path, default=Path("bench-results") / "cache" / "smollm2-f32")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "rephrase_outcomes.json")
     args = parser.parse_args()
     rows = [outcomes(dataset, args.T, args.cache) for dataset in args.dataset]

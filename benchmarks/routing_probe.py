@@ -32,7 +32,7 @@ from lemoe_peft.routing import (
 )
 from lemoe_peft.teacher_forcing import encode, token_position
 
-from .data import load_base, requests_for
+from .data import CACHE, load_base, requests_for
 
 EXPERT_SIZE = 10
 # route_pooling and the weight of the token part (route_token_weight)
@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "routing_probe.md")
     args = parser.parse_args()
-    cache = Path("bench-results") / "cache" / "smollm2-f32"
+    cache = CACHE
     lines = []
     for dataset in ("zsre", "counterfact"):
         lines += probe(dataset, args.edits, args.layer, cache) + [""]

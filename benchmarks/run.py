@@ -19,8 +19,8 @@ import transformers
 from lemoe_peft import GenerationSettings, evaluate_edits, locality_generation_reference, locality_reference
 from lemoe_peft.edit_log import write_json_atomic
 
-from .data import DATASETS, MODEL_NAME, TUNING, load_base, requests_for
-from .methods import METHODS
+from .data import CACHE, DATASETS, MODEL_NAME, TUNING, load_base, requests_for
+from .methods import METHODS, SETTINGS
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc")
 GENERATION_METRICS = ("rewrite_gen_acc", "rephrase_gen_acc", "locality_gen_acc")
@@ -129,14 +129,16 @@ def main() -> None:
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     parser.add_argument("--T", type=int, required=True)
-    parser.add_argument("--settings", required=True, help="JSON: batch_size, max_steps, learning_rate, ...")
-    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument(
+        "--settings", default="{}", help="JSON: settings that differ from the lifelong benchmark's (methods.SETTINGS)"
+    )
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--save-adapter", type=Path)
     parser.add_argument("--tuning", action="store_true", help="use the held-out tuning data instead")
     parser.add_argument("--ask-in-chat", action="store_true", help="ask every prompt through the chat template")
     args = parser.parse_args()
-    settings = json.loads(args.settings)
+    settings = {**SETTINGS, **json.loads(args.settings)}
     result = run(
         args.method, args.dataset, args.T, settings, args.cache, args.save_adapter, args.tuning, args.ask_in_chat
     )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from lemoe_peft.edit_log import write_json_atomic
 
-from .lifelong import SETTINGS
-from .methods import METHODS
+from .data import CACHE
+from .methods import METHODS, SETTINGS
 from .run import run
 
 BASELINE_GRID = [
@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--lemoe", action="store_true", help="LEMoE's own settings instead of the baselines'")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "tuning-grid.json")
     args = parser.parse_args()
-    cache = Path("bench-results") / "cache" / "smollm2-f32"
+    cache = CACHE
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["dataset"], r["method"], json.dumps(r["overrides"])) for r in rows}
     for dataset in args.dataset:

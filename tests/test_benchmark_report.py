@@ -12,7 +12,7 @@ from benchmarks.answer_repeats import repeats
 from benchmarks.counterfact_rephrases import OTHER, PARAPHRASE, rephrase_kind, split_by_kind
 from benchmarks.freezing_probe import experts_up_to
 from benchmarks.frontier import points
-from benchmarks.lifelong import SETTINGS
+from benchmarks.methods import SETTINGS
 from benchmarks.report import _table
 from benchmarks.stream import checkpoints_for, slice_seconds
 from lemoe_peft import EditRequest, LEMoEConfig
