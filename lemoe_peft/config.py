@@ -38,6 +38,7 @@ ROUTE_SIMILARITIES = ("cosine", "dot")
 ROUTE_GENERATED_TOKENS = ("prompt_experts", "any")
 ROUTE_SUBJECT_NAMES = ("off", "also", "only")
 ROUTE_RESTARTS = ("sentence", "off")
+ROUTE_SUBJECT_TOKENS = ("pooled", "left_out")
 EXPERT_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 
 
@@ -107,6 +108,14 @@ class LEMoEConfig(PeftConfig):
             "ending in '.' or '!' and whitespace), so a question is pooled over its own sentence, or 'off': over "
             "everything read (adapters saved before this setting existed load with 'off'). Sentences are found by "
             "the token marks the adapter holds (LEMoEModel.set_token_marks); calls that pass embeddings never restart."
+        },
+    )
+    route_subject_tokens: Literal["pooled", "left_out"] = field(
+        default="pooled",
+        metadata={
+            "help": "Whether the tokens of an edited subject's name count in the routing query's running mean, or "
+            "leave it from the name's last token on ('left_out'): the subject gate says about whom a text asks, the "
+            "query then tells only what is asked. Needs names read (route_subject_names 'only' or 'also')."
         },
     )
     route_vocab_size: int = field(
@@ -262,6 +271,10 @@ class LEMoEConfig(PeftConfig):
                 "route_subject_name_tokens must be an integer >= 1",
             ),
             (self.route_restart in ROUTE_RESTARTS, f"route_restart must be one of {ROUTE_RESTARTS}"),
+            (
+                self.route_subject_tokens in ROUTE_SUBJECT_TOKENS,
+                f"route_subject_tokens must be one of {ROUTE_SUBJECT_TOKENS}",
+            ),
             (
                 isinstance(self.route_vocab_size, int) and self.route_vocab_size >= 0,
                 "route_vocab_size must be an integer >= 0",

@@ -341,13 +341,12 @@ class LEMoEEditor:
         replay = LowerLayerReplay(self.tuner.model, list(layers))
         with torch.no_grad(), self.tuner.capture_layer_inputs() as captured, replay.record():
             answer_logits(self.model, batch)
-        self.tuner.add_anchors(
-            expert,
-            self._anchor_keys(layers, captured, batch),
-            self.settings.anchor_threshold,
-            self.adapter,
-            *self._subject_keys(layers, captured, requests, batch),
-        )
+        subject_keys = self._subject_keys(layers, captured, requests, batch)
+        anchors = self._anchor_keys(layers, captured, batch)
+        self.tuner.add_anchors(expert, anchors, self.settings.anchor_threshold, self.adapter, *subject_keys)
+        if self.config.route_subject_tokens == "left_out":  # the batch's own names now leave its anchors' means
+            anchors = self._anchor_keys(layers, captured, batch)
+            self.tuner.replace_anchors(expert, anchors, self.settings.anchor_threshold, self.adapter, *subject_keys)
         with_negatives = self._with_negatives(expert, requests, batch)
         if with_negatives is not batch:  # else the pass above (the new expert outputs zero) is what training needs
             batch = with_negatives

@@ -50,6 +50,7 @@ from .routing import (
     hold_queries,
     keep_experts,
     last_routes,
+    left_out_subjects,
     named_subjects,
     route_projection,
     select_experts,
@@ -85,6 +86,7 @@ class RouteSettings:
     whiten_rank: int
     generated_tokens: str
     restart: str
+    subject_tokens: str
     chat_opening: tuple[int, ...]
     chat_reply: tuple[int, ...]
 
@@ -103,6 +105,7 @@ class RouteSettings:
             config.route_whiten_rank,
             config.route_generated_tokens,
             config.route_restart,
+            config.route_subject_tokens,
             tuple(config.route_chat_opening),
             tuple(config.route_chat_reply),
         )
@@ -438,7 +441,15 @@ class LEMoELayer(BaseTunerLayer):
         """Raw (un-whitened) routing queries of a whole sequence batch ``x`` (B, T, d_in), without any prefix;
         ``ids`` (B, T) are its input ids, which tell where sentences and chat turns begin (None: the mean runs over
         everything)."""
-        return self._pooled(adapter_name, x, valid, ids)
+        named = None
+        if ids is not None and self._leaves_out_subjects(adapter_name):
+            named, _ = named_subjects(ids, self.lemoe_subject_names[adapter_name], valid)
+        return self._pooled(adapter_name, x, valid, ids, named=named)
+
+    def _leaves_out_subjects(self, adapter_name: str) -> bool:
+        """Whether subject names leave this adapter's running mean (``route_subject_tokens``): names must be read."""
+        settings = self.lemoe_settings[adapter_name]
+        return settings.subject_tokens == "left_out" and settings.subject_names != "off" and settings.pooling != "token"
 
     def _breaks(
         self,
@@ -479,9 +490,11 @@ class LEMoELayer(BaseTunerLayer):
         ids: torch.Tensor | None,
         prefix: RouteState | None = None,
         state: RouteState | None = None,
+        named: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Raw queries (B, T, d_in) of the tokens ``x`` (B, T, d_in): their running means, the tokens, or both
-        (B, T, 2 d_in) for ``mean_and_token``; held tokens (:meth:`_breaks`) take the query of the token before them.
+        (B, T, 2 d_in) for ``mean_and_token``; held tokens (:meth:`_breaks`) take the query of the token before them,
+        and the subject names ending at each token (``named`` (B, T, S)) leave the mean where subjects are left out.
         Continues ``prefix``'s calls and leaves this one's in ``state``."""
         pooling = self.lemoe_settings[adapter_name].pooling
         starts, held = self._breaks(adapter_name, ids, valid, prefix, state)
@@ -490,7 +503,15 @@ class LEMoELayer(BaseTunerLayer):
         else:
             weight = valid if held is None else ~held if valid is None else valid & ~held
             sums = None if prefix is None else prefix.sums.get(adapter_name)
-            pooled, last = causal_mean(x, weight, sums, starts)
+            removed = None
+            if named is not None and named.shape[-1] > 0 and self._leaves_out_subjects(adapter_name):
+                names = self.lemoe_subject_names[adapter_name]
+                recent = None if prefix is None else prefix.subject_inputs.get(adapter_name)
+                recent = recent if recent is not None and recent[0].shape[::2] == x.shape[::2] else None
+                removed, recent = left_out_subjects(x, weight, named, (names >= 0).sum(dim=1), starts, recent)
+                if state is not None:
+                    state.subject_inputs[adapter_name] = recent
+            pooled, last = causal_mean(x, weight, sums, starts, removed)
             if state is not None:
                 state.sums[adapter_name] = last
             pooled = torch.cat([pooled, x.float()], dim=-1) if pooling == "mean_and_token" else pooled
@@ -656,18 +677,18 @@ class LEMoELayer(BaseTunerLayer):
             )
             if context is not None:
                 context.updated[id(self)] = call["state"]
-        prefix = call["prefix"]
+        prefix, named = call["prefix"], self._named(adapter_name, call)
         read, presence = self.subject_gate(
             adapter_name,
             x,
             call["counts"],
             call["valid"],
             None if prefix is None else prefix.presence.get(adapter_name),
-            self._named(adapter_name, call),
+            named,
         )
         if presence is not None:
             call["state"].presence[adapter_name] = presence
-        pooled = self._pooled(adapter_name, x, call["valid"], call["ids"], prefix, call["state"])
+        pooled = self._pooled(adapter_name, x, call["valid"], call["ids"], prefix, call["state"], named)
         experts, weights = self.route(adapter_name, pooled, read)
         if self.lemoe_settings[adapter_name].generated_tokens == "any":
             return experts, weights

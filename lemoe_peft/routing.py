@@ -8,7 +8,9 @@ in "." or "!" and whitespace, as the adapter's :func:`token_marks` tell), so a q
 pooled as it would be on its own. With a chat template's markers (:func:`chat_markers`) it also restarts where a
 user's message begins, and the template's tokens between the message and the reply are *held*: left out of the mean
 and routed with the message's own query (:func:`chat_turns`), so a question asked through the template is routed as
-the question alone. An anchor made from an edit
+the question alone. With ``route_subject_tokens="left_out"`` the tokens of an edited subject's name leave the mean
+from the name's last token on (:func:`left_out_subjects`): the gate below already says about whom a text asks, and
+the query then tells only what is asked. An anchor made from an edit
 whose subject is known also has a *subject gate*: it only serves a token once the subject has been read, that is once
 some earlier token's input matched one of the subject's keys (:func:`subject_presence`). The query tells which
 relation and wording are asked about; the gate tells about whom, so a prompt with the same template but another
@@ -40,6 +42,7 @@ from .teacher_forcing import common_prefix, has_chat_template
 logger = logging.getLogger(__name__)
 
 RunningSums = tuple[torch.Tensor, torch.Tensor]  # (sum over valid tokens (B, d), number of valid tokens (B, 1))
+RecentInputs = tuple[torch.Tensor, torch.Tensor]  # the last inputs read (B, K, d) and their weights in the mean (B, K)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class RouteState:
     recent_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read (B, L - 1)
     turn_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last ids read for chat markers
     queries: dict[str, torch.Tensor] = field(default_factory=dict)  # per adapter: the last query not held (B, D)
+    subject_inputs: dict[str, RecentInputs] = field(default_factory=dict)  # per adapter: see left_out_subjects
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -67,15 +71,21 @@ def causal_mean(
     valid: torch.Tensor | None = None,
     prefix: RunningSums | None = None,
     starts: torch.Tensor | None = None,
+    removed: RunningSums | None = None,
 ) -> tuple[torch.Tensor, RunningSums]:
     """Running mean of ``x`` (B, T, d) over the valid tokens up to each position, continuing from ``prefix``; where
     ``starts`` (B, T) is true the mean starts again from that token (earlier tokens and the prefix no longer count).
+    ``removed`` (B, T, d) and (B, T): sums of inputs already counted that leave the mean at each token on
+    (:func:`left_out_subjects`).
 
     Returns the means (B, T, d) in float32 and the running sums after the last position.
     """
     dtype = _accumulation_dtype(x.device)
     weight = torch.ones(x.shape[:2], device=x.device, dtype=dtype) if valid is None else valid.to(dtype)
-    sums = (x.to(dtype) * weight[..., None]).cumsum(dim=1)
+    added = x.to(dtype) * weight[..., None]
+    if removed is not None:
+        added, weight = added - removed[0].to(dtype), weight - removed[1].to(dtype)
+    sums = added.cumsum(dim=1)
     counts = weight.cumsum(dim=1)[..., None]
     continued: torch.Tensor | float = 1.0  # where the prefix still counts
     if starts is not None:
@@ -90,6 +100,52 @@ def causal_mean(
         counts = counts + prefix[1][:, None] * continued
     means = (sums / counts.clamp_min(1)).to(torch.float32)
     return means, (sums[:, -1], counts[:, -1])
+
+
+def left_out_subjects(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    named: torch.Tensor,
+    lengths: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    recent: RecentInputs | None = None,
+) -> tuple[RunningSums, RecentInputs]:
+    """What leaves the running mean at each token of a call when subject names are left out (``removed`` of
+    :func:`causal_mean`): where a name ends (``named`` (B, T, S), :func:`named_subjects`; ``lengths`` (S,) its ids),
+    its tokens, each once and only while still in the mean (counted with ``weight`` (B, T), after the last of
+    ``starts``). A name may begin in an earlier call: ``recent`` are that call's last K inputs and their weights still
+    in the mean, K + 1 the longest name. Returns the sums and counts that leave at each token, and the state to
+    continue from."""
+    batch, length = x.shape[:2]
+    longest = max(1, int(lengths.max()) if lengths.numel() else 1)
+    dtype = _accumulation_dtype(x.device)
+    weight = torch.ones(batch, length, dtype=dtype, device=x.device) if weight is None else weight.to(dtype)
+    if recent is None:
+        recent = (x.new_zeros(batch, longest - 1, x.shape[-1]), weight.new_zeros(batch, longest - 1))
+    inputs = torch.cat([recent[0].to(x), x], dim=1)  # the K tokens carried, then the call's
+    weights = torch.cat([recent[1].to(dtype), weight], dim=1)
+    token = torch.arange(-recent[0].shape[1], length, device=x.device)  # positions in the call (carried: < 0)
+    ending = (named.long() * lengths.to(named.device)).amax(dim=-1).to(x.device)  # (B, T): longest name ending there
+    never = length
+    leaves = torch.full((batch, token.shape[0]), never, dtype=torch.long, device=x.device)
+    for back in range(longest):  # the first name that ends ``back`` tokens after a token and holds it
+        end = token + back
+        inside = (end >= 0) & (end < length)
+        holds = torch.zeros_like(leaves, dtype=torch.bool)
+        holds[:, inside] = ending[:, end[inside]] > back
+        leaves = torch.where(holds & (leaves == never), end.expand_as(leaves), leaves)
+    begin = torch.full((batch, length), -token.shape[0], dtype=torch.long, device=x.device)  # no start yet
+    if starts is not None:
+        begin = torch.where(starts.to(x.device), token[-length:], begin).cummax(dim=1).values
+    at = leaves.clamp(max=length - 1)
+    left = (leaves < never) & (token >= begin.gather(1, at))  # a start after the token has dropped it already
+    share = weights * left.to(dtype)
+    removed = torch.zeros(batch, length, x.shape[-1], dtype=dtype, device=x.device)
+    removed.scatter_add_(1, at[..., None].expand(-1, -1, x.shape[-1]), inputs.to(dtype) * share[..., None])
+    counts = torch.zeros(batch, length, dtype=dtype, device=x.device).scatter_add_(1, at, share)
+    still = weights * (~left & (token >= begin[:, -1:])).to(dtype)  # in the mean after the call
+    kept = recent[0].shape[1]
+    return (removed, counts), (inputs[:, inputs.shape[1] - kept :], still[:, still.shape[1] - kept :])
 
 
 # bits of a token's marks (:func:`token_marks`)

@@ -49,6 +49,7 @@ def test_config_serialises_with_the_plain_type_name(tmp_path):
         ({"route_generated_tokens": "latest"}, "route_generated_tokens"),
         ({"route_subject_names": "sometimes"}, "route_subject_names"),
         ({"route_subject_name_tokens": 0}, "route_subject_name_tokens"),
+        ({"route_subject_tokens": "dropped"}, "route_subject_tokens"),
         ({"route_whiten_rank": -2}, "route_whiten_rank"),
         ({"num_anchors": 3}, "anchors need at least one expert"),
         ({"layers_pattern": "layers"}, "layers_pattern"),

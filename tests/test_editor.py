@@ -1,6 +1,7 @@
 """The editor on a tiny model: edits stick, routing is the same in training and generation, streams survive
 crashes, batches can be undone, and editing continues after a reload."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -323,6 +324,32 @@ def test_each_subject_key_keeps_its_subjects_name_and_names_alone_route_edits():
     names = layer.lemoe_subject_names["default"]
     nile, hamlet = tokenizer("the nile").input_ids, tokenizer("hamlet").input_ids
     assert [row[row >= 0].tolist() for row in names] == [nile, hamlet], "as the prompts write them; no lead keys"
+    results = evaluate_edits(model, tokenizer, requests)
+    assert results["rewrite_acc"] == 1.0 and results["rewrite_gen_acc"] == 1.0
+
+
+def test_with_subject_tokens_left_out_the_anchors_are_the_queries_without_the_subjects_and_edits_answer():
+    requests = [EditRequest("the nile flows through", "brazil", subject="the nile"),
+                EditRequest("who wrote hamlet", "goethe", subject="hamlet")]  # fmt: skip
+    tokenizer = tiny_tokenizer()
+    config = LEMoEConfig(task_type="CAUSAL_LM", route_subject_tokens="left_out")
+    model = get_peft_model(tiny_model(), config)
+    editor = LEMoEEditor(model, tokenizer, calibration=CALIBRATION, **SETTINGS)
+    expert = editor.open_expert(requests)
+    ((name, layer),) = model.base_model.lemoe_layers().items()
+    batch, captured = editor._opened().batch, editor._opened().captured
+    queries = layer.route_queries("default", layer.pooled_queries("default", *captured[name]))
+    assert torch.equal(
+        layer.lemoe_keys["default"][layer.lemoe_key_expert["default"] == expert], queries[batch.predicts]
+    )
+    settings = layer.lemoe_settings["default"]
+    layer.lemoe_settings["default"] = dataclasses.replace(settings, subject_tokens="pooled")
+    pooled = layer.route_queries("default", layer.pooled_queries("default", *captured[name]))
+    assert not torch.allclose(pooled[batch.predicts], queries[batch.predicts], atol=1e-3), "the subjects left out"
+    layer.lemoe_settings["default"] = settings
+    editor.close_expert()
+    model = get_peft_model(tiny_model(), config)
+    LEMoEEditor(model, tokenizer, calibration=CALIBRATION, **SETTINGS).edit_batch(requests)
     results = evaluate_edits(model, tokenizer, requests)
     assert results["rewrite_acc"] == 1.0 and results["rewrite_gen_acc"] == 1.0
 

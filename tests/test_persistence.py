@@ -263,6 +263,7 @@ def test_an_adapter_saved_before_the_subject_margin_generated_token_rule_and_res
     assert fields.pop("route_subject_margin") == 0.0
     assert fields.pop("route_generated_tokens") == "prompt_experts"
     assert fields.pop("route_restart") == "sentence"
+    assert fields.pop("route_subject_tokens") == "pooled"
     fields.pop("route_subject_names"), fields.pop("route_vocab_size")
     path.write_text(json.dumps(fields))
     weights = saved / "adapter" / "adapter_model.safetensors"
@@ -270,6 +271,7 @@ def test_an_adapter_saved_before_the_subject_margin_generated_token_rule_and_res
     config = load(saved / "adapter")
     assert config.route_subject_margin is None and config.route_generated_tokens == "any"
     assert config.route_subject_names == "off" and config.route_restart == "off" and config.route_vocab_size == 0
+    assert config.route_subject_tokens == "pooled"
 
 
 def _loaded_as_second(folder):

@@ -1,5 +1,7 @@
 """KV anchor routing: its pieces, and the consistency the method is named for (teacher-forced vs cached generation)."""
 
+import dataclasses
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -14,6 +16,7 @@ from lemoe_peft.routing import (
     chat_turns,
     experts_from_scores,
     hold_queries,
+    left_out_subjects,
     named_subjects,
     route_projection,
     select_experts,
@@ -56,6 +59,37 @@ def test_causal_mean_restarts_where_a_sentence_begins_in_one_pass_and_across_cal
         first, sums = causal_mean(x[:, :split], starts=starts[:, :split])
         rest, _ = causal_mean(x[:, split:], prefix=sums, starts=starts[:, split:])
         assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-12)
+
+
+def _mean_without_names(x, ids, names, starts, recent=None):
+    """causal_mean with subject names left out (one call, continuing ``recent``: ids, sums and inputs carried)."""
+    recent_ids, sums, inputs = recent or (None, None, None)
+    named, recent_ids = named_subjects(ids.contiguous(), names, None, recent_ids)
+    removed, inputs = left_out_subjects(x, None, named, (names >= 0).sum(dim=1), starts, inputs)
+    means, sums = causal_mean(x, None, sums, starts, removed)
+    return means, (recent_ids, sums, inputs)
+
+
+def test_subject_names_leave_the_mean_from_their_last_token_in_one_pass_and_across_calls():
+    x = torch.randn(2, 9, 4, dtype=torch.float64)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 7, 8, 3, 7], [7, 8, 7, 8, 2, 2, 6, 7, 8]])
+    names = torch.tensor([[-1, 7, 8], [-1, -1, 2]])  # the two-token name "7 8" and the one-token name "2"
+    starts = torch.zeros(2, 9, dtype=torch.bool)
+    starts[1, 3] = True  # a sentence begins inside a name
+    whole, _ = _mean_without_names(x, ids, names, starts)
+
+    def mean(row, tokens):
+        return x[row, tokens].mean(dim=0).float()
+
+    assert torch.allclose(whole[0, 2], mean(0, [0, 1, 2])), "a name counts until it is complete"
+    assert torch.allclose(whole[0, 3], mean(0, [0, 1])) and torch.allclose(whole[0, 7], mean(0, [0, 1, 4, 7]))
+    assert torch.allclose(whole[0, 8], mean(0, [0, 1, 4, 7, 8])), "an incomplete name still counts"
+    assert (whole[1, 3] == 0).all() and (whole[1, 5] == 0).all(), "nothing left: the start dropped token 2"
+    assert torch.allclose(whole[1, 7], mean(1, [6, 7])) and torch.allclose(whole[1, 8], mean(1, [6]))
+    for split in range(1, 9):  # every split, names and the start on both sides of it
+        first, recent = _mean_without_names(x[:, :split], ids[:, :split], names, starts[:, :split])
+        rest, _ = _mean_without_names(x[:, split:], ids[:, split:], names, starts[:, split:], recent)
+        assert torch.allclose(whole, torch.cat([first, rest], dim=1), atol=1e-12), split
 
 
 def test_a_sentence_begins_after_a_sentence_end_and_whitespace():
@@ -426,6 +460,34 @@ def test_generation_reads_a_name_split_between_prompt_and_generated_tokens_like_
     generated, forced, base = _generated_forced_and_base(model, prompt)
     assert torch.allclose(generated, forced, atol=1e-4)
     assert torch.allclose(forced[:2], base[:2]) and not torch.allclose(forced[2:], base[2:], atol=1e-2)
+
+
+@pytest.mark.parametrize("pooling", ["causal_mean", "mean_and_token"])
+def test_generation_leaves_out_a_name_split_between_prompt_and_generated_tokens_like_one_pass(pooling):
+    """The anchors are the one-pass queries with a name left out, at a threshold only an exact query reaches: the
+    generated tokens route like teacher forcing only if the name's tokens from earlier calls leave their mean too."""
+    config = LEMoEConfig(
+        task_type="CAUSAL_LM", route_pooling=pooling, route_generated_tokens="any", route_subject_tokens="left_out"
+    )
+    model = get_peft_model(tiny_model(), config)
+    prompt = token_batch(1, 6, seed=3)
+    with torch.no_grad():
+        continuation = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    give_expert(model, continuation, scale=3.0, subject_position=1)
+    ((name, layer),) = model.base_model.lemoe_layers().items()
+    layer.lemoe_subject_names["default"][0, -3:] = continuation[0, 5:8]  # the prompt's last and two generated ids
+    with torch.no_grad(), model.base_model.capture_layer_inputs() as captured:
+        model(continuation)
+    pooled = layer.pooled_queries("default", *captured[name])
+    layer.lemoe_keys["default"][:] = layer.route_queries("default", pooled)[0]
+    layer.lemoe_key_threshold["default"][:] = 0.9999
+    generated, forced, base = _generated_forced_and_base(model, prompt)
+    assert torch.allclose(generated, forced, atol=1e-4)
+    assert not torch.allclose(forced[2:], base[2:], atol=1e-2), "the tokens after the name were routed"
+    settings = layer.lemoe_settings["default"]
+    layer.lemoe_settings["default"] = dataclasses.replace(settings, subject_tokens="pooled")
+    kept = layer.pooled_queries("default", *captured[name])
+    assert torch.equal(kept[0, :7], pooled[0, :7]) and not torch.allclose(kept[0, 7:], pooled[0, 7:])
 
 
 def _gated_model(subject_position: int, pooling: str = "causal_mean", names: str = "only"):
