@@ -68,13 +68,12 @@ def main() -> None:
         return
     Ts = [1, 10] if args.quick else args.T
     out = args.out or Path("bench-results") / ("quick" if args.quick else "tuning" if args.tuning else "full")
-    cache = CACHE
     results = {}
     for dataset in args.dataset:
         for T in Ts:
             for method in args.methods:
                 print(f"{dataset} T={T} {method}", flush=True)
-                result = run_one(method, dataset, T, settings, out, cache, args.tuning)
+                result = run_one(method, dataset, T, settings, out, CACHE, args.tuning)
                 results[(dataset, T, method)] = result
                 shown = " ".join(f"{k.removesuffix('_acc')} {v:.3f}" for k, v in result["after_stream"].items())
                 print(f"    {shown}  {result['seconds_per_edit']:.2f} s/edit", flush=True)
@@ -86,7 +85,7 @@ def main() -> None:
             if folder.exists():
                 adapters[json.loads((folder / "adapter_config.json").read_text())["num_experts"]] = folder
         prompt = requests_for("zsre", 1)[0].prompt
-        write_json_atomic(out / "latency.json", latency.measure(cache, adapters, prompt))
+        write_json_atomic(out / "latency.json", latency.measure(CACHE, adapters, prompt))
     report.write(out)
     print(f"\nReport: {out / 'report.md'}")
 

@@ -251,10 +251,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "routing_probe.md")
     args = parser.parse_args()
-    cache = CACHE
     lines = []
     for dataset in ("zsre", "counterfact"):
-        lines += probe(dataset, args.edits, args.layer, cache) + [""]
+        lines += probe(dataset, args.edits, args.layer, CACHE) + [""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--lemoe", action="store_true", help="LEMoE's own settings instead of the baselines'")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "tuning-grid.json")
     args = parser.parse_args()
-    cache = CACHE
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["dataset"], r["method"], json.dumps(r["overrides"])) for r in rows}
     for dataset in args.dataset:
@@ -50,7 +49,7 @@ def main() -> None:
             cls = METHODS[method]
             default_rate, cls.learning_rate = cls.learning_rate, overrides.get("learning_rate", cls.learning_rate)
             try:
-                result = run(method, dataset, args.T, {**SETTINGS, **overrides}, cache, None, tuning=True)
+                result = run(method, dataset, args.T, {**SETTINGS, **overrides}, CACHE, None, tuning=True)
             finally:
                 cls.learning_rate = default_rate
             rows.append(
